@@ -6,6 +6,10 @@ What it exploits (each is exact, not an approximation):
 1. Restoring a state at token ``t`` cannot change positions ``< t`` (causal attention). So every
    restoration at token ``t`` starts from the *corrupted* run's key/value cache cropped to ``t``
    positions and only runs positions ``t..T-1``.
+1b. Restoring a state at layer ``l`` cannot change the blocks below ``l``. A batch whose lowest
+   restored layer is ``j0`` skips blocks ``0..j0-1`` (they pass their input through untouched) and
+   feeds block ``j0`` the corrupted run's residual stream, saved once (TL's ``start_at_layer`` would
+   still run every block, so the fast path drives the blocks itself).
 2. Tokens before the subject are identical in the clean and corrupted runs: restoring them changes
    nothing, their score is ``p_corrupted`` and no forward is run.
 3. Many restorations (all kinds, all layers, all noise samples for one ``t``) share one batched
@@ -17,6 +21,7 @@ the rows that ask for it, the state at local position 0 (= token ``t``) by its c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Sequence
 
@@ -29,7 +34,8 @@ from .model import HookedLM
 
 @torch.no_grad()
 def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor):
-    """The noisy runs (one per sample), returning last-position logits and the key/value cache."""
+    """The noisy runs (one per sample): last-position logits, the key/value cache, every block's
+    input (the residual stream, (S, T, d) per layer) and how a block shapes its output."""
     from transformers import DynamicCache
 
     s0, s1 = span
@@ -40,11 +46,46 @@ def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise
         h[:, s0:s1] += noise.to(h.dtype).to(h.device)
         return h
 
+    resid_in: dict[int, torch.Tensor] = {}
+
+    def keeper(layer):
+        def keep(h, hook):
+            resid_in[layer] = h.detach().clone()
+            return h
+        return keep
+
+    out_shape = []
+    probe = lm.blocks[0].register_forward_hook(
+        lambda mod, args, out: out_shape.append(len(out) if isinstance(out, tuple) else None))
     cache = DynamicCache()
-    with lm.hooks([(lm.hook_embed, add_noise)]):
-        out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    hooks = [(lm.hook_embed, add_noise)] + [(f"blocks.{j}.hook_resid_pre", keeper(j)) for j in range(lm.n_layers)]
+    try:
+        with lm.hooks(hooks):
+            out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        probe.remove()
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    return out.logits[:, -1], kv
+    return out.logits[:, -1], kv, resid_in, out_shape[0]
+
+
+@contextlib.contextmanager
+def skip_blocks(lm: HookedLM, n: int, tuple_len: int | None):
+    """Blocks ``0..n-1`` pass their input through untouched (their work is not needed: the caller
+    overwrites block ``n``'s input). ``tuple_len``: the block's output is a tuple of that length
+    (hidden state first), or ``None`` for a bare tensor."""
+
+    def passthrough(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return h if tuple_len is None else (h,) + (None,) * (tuple_len - 1)
+
+    blocks = [lm.blocks[j] for j in range(n)]
+    for b in blocks:  # the instance dict, not setattr: bridge components forward setattr to the wrapped module
+        b.__dict__["forward"] = passthrough
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)  # back to the class's forward
 
 
 def _prefix_cache(kv, t: int, sample_idx: torch.Tensor):
@@ -52,6 +93,24 @@ def _prefix_cache(kv, t: int, sample_idx: torch.Tensor):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(k[sample_idx, :, :t], v[sample_idx, :, :t]) for k, v in kv])
+
+
+def _chunks(restorations, window: int, L: int, samples: int, batch_size: int) -> list[list]:
+    """Split restorations (sorted by lowest restored layer) into forwards of at most ``batch_size`` rows.
+    A batch runs from its lowest restored layer, so a new batch starts where that layer changes, once
+    the current one has at least a quarter of ``batch_size`` rows (smaller batches waste the CPU)."""
+    per_batch = max(1, batch_size // samples)
+    min_rows = max(1, per_batch // 4)
+    chunks, cur, cur_j0 = [], [], None
+    for kl in restorations:
+        j0 = restored_layers(*kl, window, L)[0]
+        if cur and (len(cur) >= per_batch or (j0 != cur_j0 and len(cur) >= min_rows)):
+            chunks.append(cur)
+            cur = []
+        if not cur:
+            cur_j0 = j0
+        cur.append(kl)
+    return chunks + [cur] if cur else chunks
 
 
 @torch.no_grad()
@@ -68,7 +127,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
     S = noise.shape[0]
     names = {state_hook(lm, k, l) for k in kinds for l in range(L)}
     _, clean = clean_states(lm, ids, names)
-    logits, kv = corrupted_run(lm, ids, span, noise)
+    logits, kv, resid_in, tuple_len = corrupted_run(lm, ids, span, noise)
     p_corrupted = float(logits.float().softmax(-1)[:, answer_id].mean())
     scores = {k: np.full((T, L), p_corrupted) for k in kinds}  # tokens before the subject: no effect
     todo = range(s0, T)
@@ -78,9 +137,9 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
             scores[k][[t for t in tokens if t < s0]] = p_corrupted
         todo = sorted(t for t in set(tokens) if t >= s0)
 
-    restorations = [(k, l) for k in kinds for l in range(L)]
-    per_batch = max(1, batch_size // S)
-    work = [(t, restorations[i:i + per_batch]) for t in todo for i in range(0, len(restorations), per_batch)]
+    # sorted by lowest restored layer, so a batch can skip the blocks below its lowest one
+    restorations = sorted(((k, l) for k in kinds for l in range(L)), key=lambda kl: restored_layers(*kl, window, L)[0])
+    work = [(t, chunk) for t in todo for chunk in _chunks(restorations, window, L, S, batch_size)]
     ids_t = torch.tensor(list(ids), device=lm.device)
     for t, chunk in tqdm(work, desc="trace (fast)", disable=not progress, leave=False):
         R = len(chunk)
@@ -99,7 +158,15 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
             return patch
 
         hooks = [(n, patcher(n)) for n in rows_t]
-        if t < s1:  # the subject tokens still to run keep their noise
+        j0 = min(restored_layers(kind, l, window, L)[0] for kind, l in chunk)
+        if j0 > 0:  # blocks below j0 are the corrupted run's: skip them, feed block j0 its saved input
+            start = resid_in[j0][sample_idx, t:]
+
+            def corrupted_input(h, hook, start=start):
+                return start.to(h.dtype)
+
+            hooks.insert(0, (f"blocks.{j0}.hook_resid_pre", corrupted_input))
+        elif t < s1:  # the subject tokens still to run keep their noise
             eps = noise[sample_idx][:, t - s0:].to(lm.device)
 
             def add_noise(h, hook):
@@ -110,7 +177,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
             hooks.insert(0, (lm.hook_embed, add_noise))
         x = ids_t[t:].expand(R * S, -1)
         cache = _prefix_cache(kv, t, sample_idx) if t > 0 else None
-        with lm.hooks(hooks):
+        with lm.hooks(hooks), skip_blocks(lm, j0, tuple_len):
             out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
         p = out.logits[:, -1].float().softmax(-1)[:, answer_id].view(R, S).mean(1)
         for r, (kind, l) in enumerate(chunk):

@@ -27,6 +27,19 @@ def test_fast_equals_loop_on_every_tiny_architecture(tiny):
         assert diff <= 1e-3 * max(np.abs(b.ie(k)).max(), 1e-12)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+def test_fast_path_layer_skip_matches_loop_on_deeper_models(arch, tokenizer):
+    """Small batches force many batches whose lowest restored layer is > 0, so blocks are skipped."""
+    from locate.testing import tiny_model
+
+    m = tiny_model(arch, tokenizer, n_layers=5)
+    a = trace(PROMPT, SUBJECT, model=m, samples=2, window=3, batch_size=4)
+    b = trace(PROMPT, SUBJECT, model=m, samples=2, window=3, method="loop")
+    for k in a.kinds:
+        assert np.abs(a.scores[k] - b.scores[k]).max() <= 1e-5
+        assert np.abs(a.scores[k] - b.scores[k]).max() <= 1e-3 * max(np.abs(b.ie(k)).max(), 1e-12)
+
+
 def test_window_is_clipped_at_both_ends():
     assert window_layers(0, 10, 30) == list(range(0, 5))
     assert window_layers(29, 10, 30) == list(range(24, 30))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-
-
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "restored MLP", "attn": "restored attention"}
