@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from locate import resolve_model
 from locate.errors import EditFailedError
 
-from .context import _StopForward, capture_at, subject_last_token
+from ._prefix import split_rows, suffix_hidden
+from .context import capture_at, subject_last_token
 from .request import Request
 
 KL_PROMPT = "{} is a"
@@ -76,24 +77,6 @@ def _site_hook(lm, site: str, layer: int) -> str:
     raise ValueError(f"site must be 'mlp_out' or 'resid', got {site!r}")
 
 
-def _logits_at(lm, batch, rows: torch.Tensor, positions: torch.Tensor, hooks) -> torch.Tensor:
-    """Next-token logits (n, V) at the given (row, position) pairs only: the forward pass stops at the
-    unembedding's input and only the needed positions are unembedded (most of a batch's positions are
-    never scored, and the unembedding is a large share of a small model's compute)."""
-    got = {}
-
-    def grab(x, hook):
-        got["h"] = x
-        raise _StopForward
-
-    try:
-        with lm.hooks([*hooks, ("unembed.hook_in", grab)]):
-            lm.forward(batch)
-    except _StopForward:
-        pass
-    return lm.bridge.unembed(got["h"][rows, positions][None])[0]
-
-
 def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: str = "mlp_out",
                      templates: Sequence[str], hparams: VStarHparams | None = None, progress: bool = False,
                      **overrides) -> TargetVectors:
@@ -133,13 +116,13 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
         rows.append(ids)
         sub_pos.append(s)
         owner.append(i)
-    batch = lm.pad(rows)
     dev = lm.device
-    row_idx = torch.arange(len(rows), device=dev)
-    pos_idx = torch.as_tensor(sub_pos, device=dev)
+    # δ only acts from the subject's last token on: everything before it is run once and cached
+    # (edit._prefix), and each step runs the rows from that token onwards (δ sits at local position 0)
+    sb = split_rows(lm, rows, sub_pos)
     owner_idx = torch.as_tensor(owner, device=dev)
     kl_rows = torch.arange(n_rewrite, len(rows), device=dev)
-    kl_last = batch.last[kl_rows]
+    kl_last = torch.as_tensor([len(r) - 1 for r in rows[n_rewrite:]], device=dev)
 
     # target token log-prob gather indices, and each rewrite row's token count
     g_row, g_pos, g_tok, g_owner, g_w = [], [], [], [], []
@@ -152,7 +135,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
             g_w.append(1.0 / (len(target) * T))  # mean over target tokens, then over templates
     g_row, g_pos, g_tok, g_owner = (torch.as_tensor(x, device=dev) for x in (g_row, g_pos, g_tok, g_owner))
     g_w = torch.as_tensor(g_w, device=dev, dtype=torch.float32)
-    sel_rows, sel_pos = torch.cat([g_row, kl_rows]), torch.cat([g_pos, kl_last])  # the scored positions
+    sel_rows = torch.cat([g_row, kl_rows])  # the scored positions, local to each row's suffix
+    sel_pos = sb.local(sel_rows, torch.cat([g_pos, kl_last]))
 
     # ---- h_0: the current value at the site, subject's last token of the un-prefixed prompt
     h0 = capture_at(lm, bare_rows, bare_pos, hook_name).float()
@@ -163,8 +147,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
     opt = torch.optim.Adam([delta], lr=hp.lr)
 
     def add_delta(x, hook):
-        rows_val = x[row_idx, pos_idx] + delta[owner_idx].to(x.dtype)
-        return x.index_put((row_idx, pos_idx), rows_val)
+        first = x[:, 0] + delta[owner_idx].to(x.dtype)
+        return torch.cat([first[:, None], x[:, 1:]], 1)
 
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     init_kl = None
@@ -175,7 +159,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
     with lm.eval_mode():
         for step in bar:
             opt.zero_grad()
-            logits = _logits_at(lm, batch, sel_rows, sel_pos, [(hook_name, add_delta)]).float()
+            h = suffix_hidden(lm, sb, [(hook_name, add_delta)])
+            logits = lm.bridge.unembed(h[sel_rows, sel_pos][None])[0].float()
             logp = logits[: len(g_row)].log_softmax(-1).gather(-1, g_tok[:, None]).squeeze(-1)
             nll = torch.zeros(B, device=dev).index_add(0, g_owner, -logp * g_w)
             kl_logp = logits[len(g_row):].log_softmax(-1)
