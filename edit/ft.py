@@ -28,20 +28,7 @@ from locate.errors import EditFailedError
 
 from .edit import Edit, WeightDelta
 from .request import Request
-
-
-def resolve_layer(lm, layer) -> tuple[int, str]:
-    """``layer`` as an int with the reason for it. ``"auto"`` takes the layer of peak MLP indirect
-    effect from causal tracing (``locate.layer_profile``), the layer ROME edits by default."""
-    if layer == "auto":
-        import locate
-
-        if not hasattr(locate, "layer_profile"):
-            raise EditFailedError("layer='auto' needs locate.layer_profile (causal tracing); pass layer=<int>")
-        prof = locate.layer_profile(lm)
-        best = int(prof.best_layer())
-        return best, f"layer {best}: peak MLP indirect effect from causal tracing"
-    return lm.check_layer(layer), f"layer {layer}: given"
+from .rome import resolve_layer
 
 
 def fine_tune(requests: Request | Sequence[Request], *, model=None, layer: int | str = "auto",

@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locate import resolve_model
+from locate.causal_trace import CausalTrace
 from locate.errors import EditFailedError, FingerprintMismatchError, SingularStatisticsError
 
 from .edit import Edit, WeightDelta
@@ -176,19 +177,22 @@ def resolve_layers(lm, layers, n_layers: int = 5) -> tuple[list[int], str]:
         if len(set(out)) != len(out):
             raise ValueError(f"layers {out} has repeats")
         return sorted(out), f"layers {sorted(out)} given explicitly"
-    import locate
+    from locate.calibration import LayerProfile, layer_profile
 
     if isinstance(layers, str):
         if layers != "auto":
             raise ValueError(f"layers must be 'auto', a list of ints or a causal trace, not {layers!r}")
-        profile = locate.layer_profile(lm)
-    elif hasattr(layers, "window"):
-        profile = layers
+        profile, where = layer_profile(lm), "the calibration facts"
+    elif isinstance(layers, LayerProfile):
+        profile, where = layers, "the given layer profile"
+    elif isinstance(layers, CausalTrace):  # its MLP row at the last subject token
+        profile = LayerProfile(aie=layers.ie("mlp")[layers.token_index("last_subject")], n_facts=1, source="trace")
+        where = "the given trace"
     else:
-        profile = locate.layer_profile(layers)
+        raise TypeError(f"layers must be 'auto', a list of ints, a LayerProfile or a CausalTrace, not {type(layers).__name__}")
     out = [lm.check_layer(int(l)) for l in profile.window(n_layers)]
-    reason = profile.reason(n_layers) if hasattr(profile, "reason") else f"MLP indirect-effect window {out}"
-    return sorted(out), str(reason)
+    return out, (f"layers {out}: the {n_layers} contiguous layers with the largest MLP indirect effect at the last "
+                 f"subject token, from {where}")
 
 
 def _chunks(seq: Sequence, n: int):

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from locate import resolve_model
+from locate.causal_trace import CausalTrace
 from locate.errors import EditFailedError
 
 from .context import ROME_TEMPLATE_LENGTHS, capture_at, context_templates, subject_keys, subject_last_token
@@ -76,18 +77,14 @@ def resolve_layer(lm, layer) -> tuple[int, str]:
     if isinstance(layer, str):
         if layer != "auto":
             raise ValueError(f"layer must be 'auto', an int or a CausalTrace, got {layer!r}")
-        import locate
+        from locate import layer_profile
 
-        if not hasattr(locate, "layer_profile"):
-            raise EditFailedError("layer='auto' needs locate.layer_profile (causal tracing); pass layer=<int>")
-        profile = locate.layer_profile(lm)
+        profile = layer_profile(lm)
         best = lm.check_layer(int(profile.best_layer()))
-        reason = profile.reason(best) if hasattr(profile, "reason") else ""
-        return best, reason or f"layer {best}: peak average indirect effect of the MLP at the last subject token"
-    if hasattr(layer, "best_layer"):  # a CausalTrace
+        return best, f"layer {best}: {profile.reason(best)}"
+    if isinstance(layer, CausalTrace):
         best = lm.check_layer(int(layer.best_layer("mlp", "last_subject")))
-        reason = layer.reason(best) if hasattr(layer, "reason") else ""
-        return best, reason or f"layer {best}: peak MLP indirect effect at the last subject token of the given trace"
+        return best, f"layer {best}: peak MLP indirect effect at the last subject token of the given trace"
     return lm.check_layer(layer), f"layer {layer}: chosen by the caller"
 
 

@@ -76,11 +76,9 @@ def _aie_profile(lm, aie) -> tuple[list[float] | None, str]:
     if aie is not None:
         vals = getattr(aie, "aie", aie)
         return [float(x) for x in np.asarray(vals, dtype=float).reshape(-1)], "given"
-    import locate
+    from locate import layer_profile
 
-    if not hasattr(locate, "layer_profile"):
-        return None, "not available: locate.layer_profile (causal tracing) is not installed"
-    prof = locate.layer_profile(lm)
+    prof = layer_profile(lm)
     return [float(x) for x in np.asarray(prof.aie, dtype=float).reshape(-1)], "locate.layer_profile (MLP AIE, last subject token)"
 
 

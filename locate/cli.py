@@ -92,10 +92,7 @@ def _demo_rome_edit(lm) -> None:
     n_tokens = 20_000 if corpus else 4_096  # the model-sampled fallback is slow to generate; keep it small
     print(f"\nROME edit {request.subject!r} -> {request.target_new!r} (key statistics: "
           f"{corpus or 'text sampled from the model'}, {n_tokens} tokens; 1 + 5 context templates)")
-    import locate
-
-    layer = "auto" if hasattr(locate, "layer_profile") else lm.n_layers // 6  # "auto" once tracing's profile exists
-    e = rome(request, model=lm, layer=layer, corpus=corpus, stats_tokens=n_tokens, template_lengths=((10, 5),), progress=False)
+    e = rome(request, model=lm, layer="auto", corpus=corpus, stats_tokens=n_tokens, template_lengths=((10, 5),), progress=False)
     print(f"edited layer {e.layers[0]}: {e.layer_reason}  ({e.timings['total_s']:.1f} s)")
     print_top(lm, DEMO_PROMPT, "after the edit,")
     e.revert(lm)

@@ -160,3 +160,24 @@ def test_request_files_and_cli_refusals(tmp_path, capsys):
         load_requests(tmp_path / "nope.json")
     assert main(["edit", "--method", "rome", "--requests", str(f)]) == 2
     assert "--requests needs --method memit" in capsys.readouterr().err
+
+
+def test_layers_from_a_trace_and_a_profile(tokenizer):
+    """layers= accepts a CausalTrace (its MLP row at the last subject token) and a LayerProfile."""
+    import numpy as np
+
+    from edit.memit import resolve_layers
+    from locate.calibration import LayerProfile
+    from locate.causal_trace import trace
+    from locate.testing import tiny_model
+
+    m = tiny_model("llama", tokenizer, n_layers=6)
+    tr = trace("The Eiffel Tower is located in", "Eiffel Tower", model=m, kinds=("mlp",), samples=2, window=2)
+    row = tr.ie("mlp")[tr.token_index("last_subject")]
+    best = max(range(5), key=lambda i: row[i] + row[i + 1])
+    layers, reason = resolve_layers(m, tr, n_layers=2)
+    assert layers == [best, best + 1] and "trace" in reason
+    prof = LayerProfile(aie=np.array([0, 0, 0.1, 0.9, 0.8, 0]), n_facts=3, source="test")
+    assert resolve_layers(m, prof, n_layers=2)[0] == [3, 4]
+    with pytest.raises(TypeError):
+        resolve_layers(m, object())
