@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from locate._io import read_json, write_json
 from locate import resolve_model
 from locate.errors import LocateEditError
 
@@ -238,17 +239,11 @@ class Results:
         return d
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=float))
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Results":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no results file at {path}")
-        d = json.loads(path.read_text())
+        d = read_json(path, "results")
         d["curve"] = {int(k): v for k, v in d.get("curve", {}).items()}
         return cls(**d)
 

@@ -29,7 +29,7 @@ GPT-J settings (:class:`ROMEHparams`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

@@ -13,7 +13,6 @@ layer-level relation, which is what the ROME paper's layer choice rests on.)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from locate._io import read_json, write_json
 from locate import resolve_model
 
 from .datasets import Case
@@ -45,17 +45,11 @@ class LayerSweep:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1, default=float))
-        return path
+        return write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerSweep":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no layer-sweep file at {path}")
-        return cls(**json.loads(path.read_text()))
+        return cls(**read_json(path, "layer-sweep"))
 
     def table(self) -> str:
         keys = [k for k in ("es", "ps", "ns", "score") if k in self.metrics]

@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ._io import read_json, write_json
 from .errors import LocateEditError, SubjectNotFoundError, TokenNotInVocabularyError
 from .model import HookedLM
 
@@ -142,13 +143,11 @@ class CausalTrace:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "CausalTrace":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "causal trace"))
 
 
 # ====================================================================== noise
@@ -394,12 +393,11 @@ class AIEResult:
     def save(self, path: str | Path) -> Path:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
-        Path(path).write_text(json.dumps(d))
-        return Path(path)
+        return write_json(path, d, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "AIEResult":
-        d = json.loads(Path(path).read_text())
+        d = read_json(path, "AIE result")
         d["kinds"] = tuple(d["kinds"])
         return cls(**d)
 

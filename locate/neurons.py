@@ -32,7 +32,6 @@ equal size drawn from the same layers.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._io import read_json, write_json
 from .errors import EmptyTargetError, LocateEditError
 
 Neuron = tuple[int, int]  # (layer, index)
@@ -239,17 +239,11 @@ class KnowledgeNeurons:
                 "per_prompt": self.per_prompt.cpu().tolist()}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "KnowledgeNeurons":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no knowledge-neurons file at {path}")
-        d = json.loads(path.read_text())
+        d = read_json(path, "knowledge-neurons")
         return cls(d["prompts"], d["target"], [tuple(n) for n in d["neurons"]], torch.tensor(d["per_prompt"]),
                    [[tuple(n) for n in c] for c in d.get("coarse", [])], d.get("params", {}),
                    d.get("model_name", ""), d.get("fingerprint", ""))

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import locate
 from locate.causal_trace import (CausalTrace, TraceError, draw_noise, restored_probability, trace,
@@ -32,9 +31,10 @@ def test_fast_path_layer_skip_matches_loop_on_deeper_models(arch, tokenizer):
     """Small batches force many batches whose lowest restored layer is > 0, so blocks are skipped."""
     from locate.testing import tiny_model
 
-    m = tiny_model(arch, tokenizer, n_layers=5)
-    a = trace(PROMPT, SUBJECT, model=m, samples=2, window=3, batch_size=4)
-    b = trace(PROMPT, SUBJECT, model=m, samples=2, window=3, method="loop")
+    m = tiny_model(arch, tokenizer, n_layers=4)
+    kinds = ("hidden", "mlp")
+    a = trace(PROMPT, SUBJECT, model=m, kinds=kinds, samples=2, window=3, batch_size=4)
+    b = trace(PROMPT, SUBJECT, model=m, kinds=kinds, samples=2, window=3, method="loop")
     for k in a.kinds:
         assert np.abs(a.scores[k] - b.scores[k]).max() <= 1e-5
         assert np.abs(a.scores[k] - b.scores[k]).max() <= 1e-3 * max(np.abs(b.ie(k)).max(), 1e-12)

@@ -1,0 +1,23 @@
+"""Small file helpers shared by the result dataclasses' ``save``/``load``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 1) -> Path:
+    """Write ``obj`` as JSON (numpy scalars as floats), creating parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=indent, default=float))
+    return path
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file at ``path``; a missing file raises ``FileNotFoundError`` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    return json.loads(path.read_text())
