@@ -34,8 +34,8 @@ from .model import HookedLM
 
 @torch.no_grad()
 def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor):
-    """The noisy runs (one per sample): last-position logits, the key/value cache, every block's
-    input (the residual stream, (S, T, d) per layer) and how a block shapes its output."""
+    """The noisy runs (one per sample): last-position logits, the key/value cache and every block's
+    input (the residual stream, (S, T, d) per layer)."""
     from transformers import DynamicCache
 
     s0, s1 = span
@@ -54,38 +54,12 @@ def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise
             return h
         return keep
 
-    out_shape = []
-    probe = lm.blocks[0].register_forward_hook(
-        lambda mod, args, out: out_shape.append(len(out) if isinstance(out, tuple) else None))
     cache = DynamicCache()
-    hooks = [(lm.hook_embed, add_noise)] + [(f"blocks.{j}.hook_resid_pre", keeper(j)) for j in range(lm.n_layers)]
-    try:
-        with lm.hooks(hooks):
-            out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    finally:
-        probe.remove()
+    hooks = [(lm.hook_embed, add_noise)] + [(lm.hook_resid_pre(j), keeper(j)) for j in range(lm.n_layers)]
+    with lm.hooks(hooks):
+        out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    return out.logits[:, -1], kv, resid_in, out_shape[0]
-
-
-@contextlib.contextmanager
-def skip_blocks(lm: HookedLM, n: int, tuple_len: int | None):
-    """Blocks ``0..n-1`` pass their input through untouched (their work is not needed: the caller
-    overwrites block ``n``'s input). ``tuple_len``: the block's output is a tuple of that length
-    (hidden state first), or ``None`` for a bare tensor."""
-
-    def passthrough(*args, **kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        return h if tuple_len is None else (h,) + (None,) * (tuple_len - 1)
-
-    blocks = [lm.blocks[j] for j in range(n)]
-    for b in blocks:  # the instance dict, not setattr: bridge components forward setattr to the wrapped module
-        b.__dict__["forward"] = passthrough
-    try:
-        yield
-    finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)  # back to the class's forward
+    return out.logits[:, -1], kv, resid_in
 
 
 def _prefix_cache(kv, t: int, sample_idx: torch.Tensor):
@@ -127,7 +101,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
     S = noise.shape[0]
     names = {state_hook(lm, k, l) for k in kinds for l in range(L)}
     _, clean = clean_states(lm, ids, names)
-    logits, kv, resid_in, tuple_len = corrupted_run(lm, ids, span, noise)
+    logits, kv, resid_in = corrupted_run(lm, ids, span, noise)
     p_corrupted = float(logits.float().softmax(-1)[:, answer_id].mean())
     scores = {k: np.full((T, L), p_corrupted) for k in kinds}  # tokens before the subject: no effect
     todo = range(s0, T)
@@ -159,14 +133,10 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
 
         hooks = [(n, patcher(n)) for n in rows_t]
         j0 = min(restored_layers(kind, l, window, L)[0] for kind, l in chunk)
-        if j0 > 0:  # blocks below j0 are the corrupted run's: skip them, feed block j0 its saved input
-            start = resid_in[j0][sample_idx, t:]
-
-            def corrupted_input(h, hook, start=start):
-                return start.to(h.dtype)
-
-            hooks.insert(0, (f"blocks.{j0}.hook_resid_pre", corrupted_input))
-        elif t < s1:  # the subject tokens still to run keep their noise
+        # blocks below j0 are the corrupted run's: skip them and feed block j0 its saved input
+        # (j0 = 0: the embedding noise of the subject tokens still to run is added instead)
+        start = lm.start_at_block(j0, resid_in[j0][sample_idx, t:]) if j0 > 0 else contextlib.nullcontext()
+        if j0 == 0 and t < s1:
             eps = noise[sample_idx][:, t - s0:].to(lm.device)
 
             def add_noise(h, hook):
@@ -177,7 +147,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
             hooks.insert(0, (lm.hook_embed, add_noise))
         x = ids_t[t:].expand(R * S, -1)
         cache = _prefix_cache(kv, t, sample_idx) if t > 0 else None
-        with lm.hooks(hooks), skip_blocks(lm, j0, tuple_len):
+        with lm.hooks(hooks), start:
             out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
         p = out.logits[:, -1].float().softmax(-1)[:, answer_id].view(R, S).mean(1)
         for r, (kind, l) in enumerate(chunk):

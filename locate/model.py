@@ -107,6 +107,7 @@ class HookedLM:
         self.d_mlp = int(self._oriented(out.weight).shape[1])
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._block_arity = self._probe_block_output()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -342,6 +343,46 @@ class HookedLM:
                 break
             step = torch.tensor([[nxt]], device=self.device)
         return self.tokenizer.decode(out)
+
+    def hook_resid_pre(self, layer: int) -> str:
+        """The input of block ``layer`` (the residual stream after block ``layer - 1``)."""
+        return f"blocks.{self.check_layer(layer)}.hook_resid_pre"
+
+    def _probe_block_output(self) -> int | None:
+        """How a block returns its output: ``None`` for a bare tensor, else the tuple's length (hidden
+        state first). Read from a one-token forward, once, when the model is wrapped."""
+        seen = []
+        probe = self.blocks[0].register_forward_hook(
+            lambda mod, args, out: seen.append(len(out) if isinstance(out, tuple) else None))
+        try:
+            with torch.no_grad():
+                self.hf_model(input_ids=torch.tensor([[self.encode("a")[0]]], device=self.device), use_cache=False)
+        finally:
+            probe.remove()
+        return seen[0]
+
+    @contextlib.contextmanager
+    def start_at_block(self, layer: int, resid: torch.Tensor):
+        """Run forwards from block ``layer`` on: blocks below it pass their input through untouched
+        (their work is skipped, unlike TL's ``start_at_layer``, which still runs every block) and block
+        ``layer`` receives ``resid`` (B, T, d_model) as its input instead. Use it when the caller
+        already knows the residual stream there, e.g. saved from an earlier run on the same tokens."""
+        layer = self.check_layer(layer)
+        arity = self._block_arity
+
+        def passthrough(*args, **kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            return h if arity is None else (h,) + (None,) * (arity - 1)
+
+        skipped = [self.blocks[j] for j in range(layer)]
+        for b in skipped:  # the instance dict, not setattr: bridge components forward setattr to the wrapped module
+            b.__dict__["forward"] = passthrough
+        try:
+            with self.hooks([(self.hook_resid_pre(layer), lambda h, hook: resid.to(h.dtype))]):
+                yield
+        finally:
+            for b in skipped:
+                b.__dict__.pop("forward", None)  # back to the class's forward
 
     @contextlib.contextmanager
     def eval_mode(self):

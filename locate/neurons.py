@@ -15,9 +15,11 @@ Riemann sum over ``m`` steps (Eq. 4), with the ``α_k = k/m, k = 0..m-1`` points
 
 Scaling a whole layer at once and reading the gradient of every neuron of that layer is what the
 paper does; layers are scaled one at a time. We compute all layers in a few batched backward passes:
-a batch of ``layers × steps`` copies of the prompt, where the rows assigned to layer ``l`` get layer
-``l``'s activation replaced by ``α_k · w̄^l`` (a leaf tensor) and run every other layer clean. Rows do
-not interact, so one backward of ``Σ_rows P`` gives each row's own gradient.
+a batch of ``layers × steps`` rows, where the rows assigned to layer ``l`` get layer ``l``'s activation
+replaced by ``α_k · w̄^l`` (a leaf tensor) and run every other layer clean. Rows do not interact, so
+one backward of ``Σ_rows P`` gives each row's own gradient. Only the last position is scaled, so a
+row runs the last token alone on the clean run's key/value cache of the earlier positions, from the
+lowest scaled layer of its batch up (the blocks below are clean and skipped).
 :func:`attribution_loop` is the plain per-layer, per-step loop, kept as the reference.
 
 Refinement (§3.2): for each prompt keep the neurons above ``t × max`` attribution (t = 0.2); keep
@@ -83,17 +85,39 @@ def _answer_steps(lm, prompt: str, target: str, tokens: str) -> list[tuple[list[
 @torch.no_grad()
 def _clean_keys(lm, ids: list[int], layers: Sequence[int]) -> torch.Tensor:
     """w̄: the MLP keys of ``layers`` at the last position, shape (len(layers), d_mlp)."""
-    out = torch.zeros(len(layers), lm.d_mlp, device=lm.device, dtype=lm.dtype)
+    return _clean_run(lm, ids, layers)[0]
 
-    def grab(i):
+
+@torch.no_grad()
+def _clean_run(lm, ids: list[int], layers: Sequence[int]):
+    """One clean forward of ``ids``: the MLP keys w̄ of ``layers`` at the last position (len(layers),
+    d_mlp), every block's input at the last position {layer: (d_model,)}, and the key/value cache of
+    the positions before the last (None for a one-token prompt)."""
+    from transformers import DynamicCache
+
+    keys = torch.zeros(len(layers), lm.d_mlp, device=lm.device, dtype=lm.dtype)
+    resid = {}
+
+    def grab_key(i):
         def hook(act, hook):
-            out[i] = act[0, -1]
+            keys[i] = act[0, -1]
             return act
         return hook
 
-    with lm.hooks([(lm.hook_mlp_key(l), grab(i)) for i, l in enumerate(layers)]):
-        _last_logits(lm, torch.tensor([ids], device=lm.device))
-    return out
+    def grab_resid(l):
+        def hook(h, hook):
+            resid[l] = h[0, -1].detach().clone()
+            return h
+        return hook
+
+    cache = DynamicCache()
+    hooks = [(lm.hook_mlp_key(l), grab_key(i)) for i, l in enumerate(layers)]
+    hooks += [(lm.hook_resid_pre(l), grab_resid(l)) for l in range(lm.n_layers)]
+    with lm.hooks(hooks):
+        lm.hf_model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+    prefix = [(c.keys[:, :, :-1], c.values[:, :, :-1]) for c in cache.layers] if len(ids) > 1 else None
+    return keys, resid, prefix
 
 
 def _acc_dtype(lm) -> torch.dtype:
@@ -112,10 +136,12 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
     """Integrated-gradients attribution (Eq. 4) of every neuron in ``layers`` (default all), shape
     (n_layers, d_mlp); rows of layers not requested are zero.
 
-    Batched: the ``len(layers) × steps`` scaled copies of the prompt run ``batch_size`` rows at a time
-    (rounded to whole layers), each chunk one forward and one backward.
+    Batched: the ``len(layers) × steps`` scaled copies of the prompt's last token run ``batch_size``
+    rows at a time (rounded to whole layers) on the clean run's cached prefix, each chunk one forward
+    and one backward.
     """
     from tqdm.auto import tqdm
+    from transformers import DynamicCache
 
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     per_chunk = max(1, batch_size // steps)
@@ -125,7 +151,7 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
     bar = tqdm(total=len(todo) * len(chunks), desc="knowledge neurons", disable=not progress, leave=False)
     with lm.eval_mode():
         for ids, answer in todo:
-            w_bar = _clean_keys(lm, ids, layers)  # (L, d_mlp)
+            w_bar, resid, prefix = _clean_run(lm, ids, layers)  # w̄: (L, d_mlp)
             alphas = _alphas(steps, lm.device, lm.dtype)
             row_of = {l: i for i, l in enumerate(layers)}
             for chunk in chunks:
@@ -141,9 +167,19 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
                         return act
                     return hook
 
-                batch = torch.tensor([ids] * n_rows, device=lm.device)
-                with lm.hooks([(lm.hook_mlp_key(l), make_hook(j)) for j, l in enumerate(chunk)]):
-                    probs = _last_logits(lm, batch).to(_acc_dtype(lm)).softmax(-1)[:, answer]
+                # Only the last position is scaled, so the earlier positions are the clean run's: they
+                # come from its key/value cache and each row runs the last token alone. Blocks below
+                # the chunk's lowest layer are clean too: they are skipped and the lowest gets the clean
+                # residual (exact; tests hold this equal to the full-prompt loop).
+                j0 = min(chunk)
+                cache = None if prefix is None else DynamicCache(
+                    ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in prefix])
+                last = torch.full((n_rows, 1), ids[-1], device=lm.device)
+                with lm.hooks([(lm.hook_mlp_key(l), make_hook(j)) for j, l in enumerate(chunk)]), \
+                        lm.start_at_block(j0, resid[j0].expand(n_rows, 1, -1)):
+                    logits = lm.hf_model(input_ids=last, past_key_values=cache, use_cache=cache is not None,
+                                         logits_to_keep=1).logits[:, -1]
+                probs = logits.to(_acc_dtype(lm)).softmax(-1)[:, answer]
                 (grad,) = torch.autograd.grad(probs.sum(), scaled)
                 # Eq. 4: w̄ · mean_k ∂P(α_k w̄)/∂w
                 attr[chunk] += (wb.to(attr.dtype) * grad.to(attr.dtype).mean(1)) / len(todo)
