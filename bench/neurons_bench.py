@@ -65,7 +65,7 @@ def verification(lm, data: Path, n_facts: int, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--facts", type=int, default=10)
+    ap.add_argument("--facts", type=int, default=10, help="facts to verify (0: speed only)")
     ap.add_argument("--loop-layers", type=int, default=30, help="layers the reference loop runs on")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/known_1000/known_1000.json"))
     ap.add_argument("--skip-speed", action="store_true")
@@ -78,6 +78,8 @@ def main():
         print(f"speed (1 fact, 3 prompts, {lm.n_layers} layers, m={args.steps}): batched {s['batched_s']:.1f} s, "
               f"per-layer loop {s['loop_s']:.1f} s{' (extrapolated from %d layers)' % s['loop_layers'] if s['loop_extrapolated'] else ''}, "
               f"speed-up {s['speedup']:.1f}x, max |diff| / max |attr| = {s['max_rel_diff']:.2e}")
+    if args.facts < 1:
+        return
     r = verification(lm, Path(args.data), args.facts, args.steps)
     m = r["mean"]
     print(f"verification over {r['n_facts']} known_1000 facts (3 prompts each): suppress {m['suppress_rel']:+.1%} "
