@@ -62,7 +62,7 @@ def cmd_edit(args) -> int:
 
         layers = args.layers or ("auto" if args.layer == "auto" else [args.layer])
         e = memit([request], model=lm, layers=layers, corpus=corpus, n_tokens=args.stats_tokens, progress=not args.quiet)
-    print(f"\nedited layer(s) {e.layers}: {e.layer_reason}")
+    print(f"\nedited: {e.layer_reason}")
     print("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in e.timings.items()))
     print_top(lm, request.rendered, "after ")
     if args.save:

@@ -93,7 +93,7 @@ def _demo_rome_edit(lm) -> None:
     print(f"\nROME edit {request.subject!r} -> {request.target_new!r} (key statistics: "
           f"{corpus or 'text sampled from the model'}, {n_tokens} tokens; 1 + 5 context templates)")
     e = rome(request, model=lm, layer="auto", corpus=corpus, stats_tokens=n_tokens, template_lengths=((10, 5),), progress=False)
-    print(f"edited layer {e.layers[0]}: {e.layer_reason}  ({e.timings['total_s']:.1f} s)")
+    print(f"edited {e.layer_reason}  ({e.timings['total_s']:.1f} s)")
     print_top(lm, DEMO_PROMPT, "after the edit,")
     e.revert(lm)
     print_top(lm, DEMO_PROMPT, "after revert,")
