@@ -52,12 +52,13 @@ class ROMEHparams:
     key: str = "averaged"  # "averaged" (consistent, r-ROME) or "original" (the reference code)
     template_lengths: tuple = ROME_TEMPLATE_LENGTHS  # (token length, count): 1 + 10 + 10 templates
     template_seed: int = 0
-    v_steps: int = 20
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    stop_loss: float = 5e-2
+    # v* (ROME §3.1 eq. 4): the paper's values, kept in one place (edit.vstar.VStarHparams)
+    v_steps: int = VStarHparams.steps
+    v_lr: float = VStarHparams.lr
+    kl_factor: float = VStarHparams.kl_factor
+    weight_decay: float = VStarHparams.weight_decay
+    clamp_norm_factor: float = VStarHparams.clamp_norm_factor
+    stop_loss: float = VStarHparams.stop_loss
     stats_tokens: int = DEFAULT_N_TOKENS  # the paper: 100,000 Wikipedia samples (see edit.stats)
 
     def __post_init__(self):
