@@ -49,7 +49,7 @@ def cases_for(n: int, data: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--layers", type=int, nargs="+", default=None, help="default: 'auto' if available, else 3..7")
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="default: 'auto' (the calibrated MLP window)")
     ap.add_argument("--v-steps", type=int, default=20)
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--stats-tokens", type=int, default=40_000)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     lm = locate.default_model()
-    layers = args.layers or ("auto" if hasattr(locate, "layer_profile") else [3, 4, 5, 6, 7])
+    layers = args.layers or "auto"
     corpus = args.data / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"
     print(f"model {lm.name}, {torch.get_num_threads()} threads, layers {layers}, v_steps {args.v_steps}")
     results = []

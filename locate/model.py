@@ -385,6 +385,28 @@ class HookedLM:
                 b.__dict__.pop("forward", None)  # back to the class's forward
 
     @contextlib.contextmanager
+    def precision(self, dtype: torch.dtype | str | None):
+        """Run the model in ``dtype`` (e.g. ``torch.float64``) inside the block, then cast every
+        floating parameter and buffer back to its own former dtype. Widening and narrowing back is
+        exact, so the weights after the block are bit-identical to those before. ``None`` is a no-op.
+        Memory: the model's size at the new width, for the duration of the block."""
+        if dtype is None:
+            yield self
+            return
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"precision must be a floating torch dtype such as torch.float64, got {dtype!r}")
+        tensors = [t for t in [*self.hf_model.parameters(), *self.hf_model.buffers()] if t.is_floating_point()]
+        former = [t.dtype for t in tensors]
+        try:
+            for t in tensors:
+                t.data = t.data.to(dtype)
+            yield self
+        finally:
+            for t, d in zip(tensors, former):
+                t.data = t.data.to(d)
+
+    @contextlib.contextmanager
     def eval_mode(self):
         """Temporarily disable grads on all parameters (the state most algorithms want)."""
         flags = [p.requires_grad for p in self.hf_model.parameters()]

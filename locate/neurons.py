@@ -132,13 +132,19 @@ def _alphas(steps: int, device, dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- attribution
 def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequence[int] | None = None,
-                tokens: str = "first", batch_size: int = 200, progress: bool = False) -> torch.Tensor:
+                tokens: str = "first", batch_size: int = 200, progress: bool = False,
+                precision: torch.dtype | str | None = None) -> torch.Tensor:
     """Integrated-gradients attribution (Eq. 4) of every neuron in ``layers`` (default all), shape
     (n_layers, d_mlp); rows of layers not requested are zero.
 
     Batched: the ``len(layers) × steps`` scaled copies of the prompt's last token run ``batch_size``
     rows at a time (rounded to whole layers) on the clean run's cached prefix, each chunk one forward
     and one backward.
+
+    ``precision=torch.float64`` runs the model in float64 for the call (weights restored bit-exactly
+    after). In float32 the batched and loop paths round differently (different matmul shapes), so
+    they agree to ~2e-4 of the largest attribution, each ~5e-5 from the float64 value; in float64 they
+    agree to ~1e-16 (bench/neurons_bench.py).
     """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
@@ -147,9 +153,9 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
     per_chunk = max(1, batch_size // steps)
     chunks = [layers[i: i + per_chunk] for i in range(0, len(layers), per_chunk)]
     todo = _answer_steps(lm, prompt, target, tokens)
-    attr = torch.zeros(lm.n_layers, lm.d_mlp, device=lm.device, dtype=_acc_dtype(lm))
     bar = tqdm(total=len(todo) * len(chunks), desc="knowledge neurons", disable=not progress, leave=False)
-    with lm.eval_mode():
+    with lm.precision(precision), lm.eval_mode():
+        attr = torch.zeros(lm.n_layers, lm.d_mlp, device=lm.device, dtype=_acc_dtype(lm))
         for ids, answer in todo:
             w_bar, resid, prefix = _clean_run(lm, ids, layers)  # w̄: (L, d_mlp)
             alphas = _alphas(steps, lm.device, lm.dtype)
@@ -189,14 +195,14 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
 
 
 def attribution_loop(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequence[int] | None = None,
-                     tokens: str = "first") -> torch.Tensor:
+                     tokens: str = "first", precision: torch.dtype | str | None = None) -> torch.Tensor:
     """Reference implementation of :func:`attribution`: for each layer, for each Riemann step, one
     forward and one backward of the single prompt (``n_layers × steps`` passes), as common
     implementations do. Slow; used by the tests and the benchmark."""
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     todo = _answer_steps(lm, prompt, target, tokens)
-    attr = torch.zeros(lm.n_layers, lm.d_mlp, device=lm.device, dtype=_acc_dtype(lm))
-    with lm.eval_mode():
+    with lm.precision(precision), lm.eval_mode():
+        attr = torch.zeros(lm.n_layers, lm.d_mlp, device=lm.device, dtype=_acc_dtype(lm))
         for ids, answer in todo:
             w_bar = _clean_keys(lm, ids, layers)
             x = torch.tensor([ids], device=lm.device)
@@ -305,12 +311,13 @@ def refine(per_prompt: torch.Tensor, *, threshold: float = 0.2, share: float = 0
 def neurons(prompts: str | Sequence[str], target: str, *, model=None, steps: int = 20, threshold: float = 0.2,
             share: float = 0.7, tokens: str = "first", layers: Sequence[int] | None = None,
             exclude: Iterable[KnowledgeNeurons | Iterable[Neuron]] = (), batch_size: int = 200,
-            progress: bool = True) -> KnowledgeNeurons:
+            progress: bool = True, precision: torch.dtype | str | None = None) -> KnowledgeNeurons:
     """Find the knowledge neurons of the fact "``prompts`` → ``target``" (Dai et al. 2022).
 
     ``prompts`` are paraphrases stating the same fact, each ending where ``target`` follows.
     ``tokens="first"`` attributes the first answer token (the paper); ``"mean"`` averages over the
     answer's tokens. ``exclude``: neuron sets of other relations' facts to remove from the result.
+    ``precision``: e.g. ``torch.float64`` to compute the attributions in float64 (see :func:`attribution`).
     """
     from . import resolve_model
 
@@ -324,10 +331,11 @@ def neurons(prompts: str | Sequence[str], target: str, *, model=None, steps: int
         raise ValueError(f"need 0 < share <= 1 and 0 <= threshold < 1, got share={share}, threshold={threshold}")
     per_prompt = torch.stack([
         attribution(lm, p, target, steps=steps, layers=layers, tokens=tokens, batch_size=batch_size,
-                    progress=progress) for p in prompts]).cpu()
+                    progress=progress, precision=precision) for p in prompts]).cpu()
     refined, coarse = refine(per_prompt, threshold=threshold, share=share)
     kn = KnowledgeNeurons(prompts, target, refined, per_prompt, coarse,
-                          dict(steps=steps, threshold=threshold, share=share, tokens=tokens), lm.name, lm.fingerprint)
+                          dict(steps=steps, threshold=threshold, share=share, tokens=tokens,
+                               precision=str(precision or lm.dtype).replace("torch.", "")), lm.name, lm.fingerprint)
     exclude = list(exclude)
     return kn.without(*exclude) if exclude else kn
 
@@ -494,6 +502,8 @@ def add_cli(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.2)
     p.add_argument("--share", type=float, default=0.7)
     p.add_argument("--tokens", choices=["first", "mean"], default="first")
+    p.add_argument("--precision", choices=["float32", "float64"], default=None,
+                   help="compute the attributions in this dtype (default: the model's)")
     p.add_argument("--verify", action="store_true", help="also report ΔP under suppress/amplify vs random sets")
     p.add_argument("--out", default=None, help="save the result as JSON here")
     p.add_argument("--plot", default=None, help="save the heatmap figure here (png/pdf)")
@@ -505,7 +515,7 @@ def _cmd_neurons(args) -> int:
 
     lm = _load_model(args)
     kn = neurons(args.prompt, args.target, model=lm, steps=args.steps, threshold=args.threshold,
-                 share=args.share, tokens=args.tokens)
+                 share=args.share, tokens=args.tokens, precision=args.precision)
     print(repr(kn))
     lm_maps = kn.layer_maps
     for l, i in kn.neurons:

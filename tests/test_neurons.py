@@ -69,6 +69,22 @@ def test_batched_is_exact_in_float64_on_deeper_models(arch, tokenizer):
         assert (a - b).abs().max() <= 1e-8 * b.abs().max()  # float32 paths differ by ~1e-4 of this
 
 
+def test_float64_precision_on_a_float32_model_is_exact_and_restores_weights(tiny):
+    """precision=torch.float64 computes both paths in float64 (equal to rounding), returns float64
+    attributions, and leaves the float32 weights bit-identical afterwards."""
+    before = {k: v.clone() for k, v in tiny.hf_model.state_dict().items()}
+    a = attribution(tiny, PROMPT, " Paris", steps=4, batch_size=6, precision=torch.float64)
+    b = attribution_loop(tiny, PROMPT, " Paris", steps=4, precision="float64")
+    assert a.dtype == b.dtype == torch.float64
+    assert (a - b).abs().max() <= 1e-8 * b.abs().max()  # float32: ~1e-4
+    after = tiny.hf_model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert tiny.dtype == torch.float32
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        with tiny.precision(torch.int64):
+            pass
+
+
 def test_refine_threshold_and_share():
     per = torch.zeros(3, 2, 4)
     per[:, 0, 0] = 1.0  # top in every prompt
