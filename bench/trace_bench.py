@@ -3,7 +3,10 @@
     python bench/trace_bench.py [--prompt ...] [--subject ...] [--kinds hidden mlp attn] [--samples 10]
 
 Prints, per kind, the wall-clock of both paths, their ratio and the max |score difference|, then the
-fast path's time for all kinds in one call (the usual use) against the summed loop time.
+fast path's time for all kinds in one call (the usual use) against the summed loop time, and the
+ratio of the matmul FLOPs the two paths need (counted from the shapes they run), which bounds what an
+exact fast path can gain on this prompt: the wall-clock ratio can only exceed it by running the
+matmuls faster, not by doing less.
 """
 
 from __future__ import annotations
@@ -14,7 +17,26 @@ import time
 import numpy as np
 
 import locate
-from locate.causal_trace import trace
+from locate._fast_restore import _chunks
+from locate.causal_trace import restored_layers, trace
+
+
+def matmul_flops(lm, prompt: str, subject: str, kinds, samples: int, window: int = 10, batch_size: int = 256):
+    """(loop FLOPs, fast FLOPs) of the weight matmuls: 2 · params per block per token and block run,
+    plus the unembedding at every position (loop) or the last one (fast). Attention scores, norms and
+    activations are left out (small at these lengths)."""
+    L, T = lm.n_layers, len(lm.encode(prompt))
+    s0, _ = lm.subject_span(prompt, subject)
+    per_block = 2 * sum(p.numel() for p in lm.blocks[0].parameters()) * samples
+    unembed = 2 * lm.d_model * lm.n_vocab * samples
+    loop = len(kinds) * T * L * (T * L * per_block + T * unembed)
+    restorations = sorted(((k, l) for k in kinds for l in range(L)), key=lambda kl: restored_layers(*kl, window, L)[0])
+    fast = 0
+    for t in range(s0, T):
+        for chunk in _chunks(restorations, window, L, samples, batch_size):
+            j0 = min(restored_layers(k, l, window, L)[0] for k, l in chunk)
+            fast += len(chunk) * ((T - t) * (L - j0) * per_block + unembed)
+    return loop, fast
 
 
 def main() -> None:
@@ -44,6 +66,9 @@ def main() -> None:
     trace(args.prompt, args.subject, model=lm, kinds=tuple(args.kinds), samples=args.samples)
     tf = time.perf_counter() - t
     print(f"one call, kinds {'+'.join(args.kinds)}: fast {tf:.1f} s   ratio vs the loop {tot_loop / tf:5.1f}x")
+    loop_f, fast_f = matmul_flops(lm, args.prompt, args.subject, args.kinds, args.samples)
+    print(f"matmul FLOPs: loop {loop_f / 1e12:.1f} T ({loop_f / tot_loop / 1e9:.0f} GFLOP/s), fast {fast_f / 1e12:.1f} T "
+          f"({fast_f / tf / 1e9:.0f} GFLOP/s): the exact work ratio is {loop_f / fast_f:.1f}x")
 
 
 if __name__ == "__main__":
