@@ -5,7 +5,7 @@
    ``--loop-layers K`` the loop runs on K evenly spaced layers only and its time is extrapolated to all
    layers (said so in the output); the attributions are compared on those layers. ``--precision
    float32 float64`` times and compares both paths in each dtype (in float32 they differ by rounding,
-   ~2e-4 of the largest attribution; in float64 they agree to ~1e-16).
+   ~2e-4 of the largest attribution; in float64 they agree to ~1e-9).
 2. Verification: over N known_1000 facts, 3 prompts each made from the fact's template with different
    short prefixes, the relative change of P(answer) when the refined neurons are suppressed/amplified,
    against random neuron sets of equal size from the same layers.

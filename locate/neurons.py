@@ -144,7 +144,7 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
     ``precision=torch.float64`` runs the model in float64 for the call (weights restored bit-exactly
     after). In float32 the batched and loop paths round differently (different matmul shapes), so
     they agree to ~2e-4 of the largest attribution, each ~5e-5 from the float64 value; in float64 they
-    agree to ~1e-16 (bench/neurons_bench.py).
+    agree to ~1e-9 of it on the default model (bench/neurons_bench.py).
     """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
