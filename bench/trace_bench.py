@@ -34,7 +34,8 @@ def matmul_flops(lm, prompt: str, subject: str, kinds, samples: int, window: int
     ``fast`` counts what the fast path runs: each batch from its lowest restored layer. ``ideal`` is
     the least any exact path can run: every restoration on its own, only tokens >= t, only the
     blocks after its first restored one (the block where a window starts changes nothing but token t,
-    so even that is not counted)."""
+    so even that is not counted), and in the last block only the last token (the others' keys and
+    values are needed there, but they are not counted)."""
     L, T = lm.n_layers, len(lm.encode(prompt))
     s0, _ = lm.subject_span(prompt, subject)
     per_block = 2 * sum(p.numel() for p in lm.blocks[0].parameters()) * samples
@@ -47,7 +48,9 @@ def matmul_flops(lm, prompt: str, subject: str, kinds, samples: int, window: int
             j0 = min(restored_layers(k, l, window, L)[0] for k, l in chunk)
             fast += len(chunk) * ((T - t) * (L - j0) * per_block + unembed)
         for k, l in restorations:
-            ideal += (T - t) * (L - 1 - restored_layers(k, l, window, L)[0]) * per_block + unembed
+            blocks = L - 1 - restored_layers(k, l, window, L)[0]
+            # in the last block only the last token's output is read: count that token alone there
+            ideal += ((T - t) * (blocks - 1) + 1 if blocks else 0) * per_block + unembed
     return loop, fast, ideal
 
 
