@@ -17,6 +17,7 @@ from .errors import (  # noqa: F401  (re-exported)
     EditFailedError,
     EmptyTargetError,
     FingerprintMismatchError,
+    IncompatibleLibraryError,
     LayerOutOfRangeError,
     LocateEditError,
     ModelNotFoundError,

@@ -42,5 +42,9 @@ class FingerprintMismatchError(LocateEditError, ValueError):
     """An edit or a statistics file was made for a different model."""
 
 
+class IncompatibleLibraryError(LocateEditError, RuntimeError):
+    """An installed library (transformers, TransformerLens) behaves in a way the fast paths can't use."""
+
+
 class EditFailedError(LocateEditError, RuntimeError):
     """An edit could not be computed (NaN loss, interrupt...); the model was left unchanged."""

@@ -37,6 +37,7 @@ import torch
 
 from .errors import (
     EmptyTargetError,
+    IncompatibleLibraryError,
     LayerOutOfRangeError,
     SubjectNotFoundError,
     UnsupportedArchitectureError,
@@ -108,6 +109,7 @@ class HookedLM:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._block_arity = self._probe_block_output()
+        self._check_kv_cache()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -347,6 +349,29 @@ class HookedLM:
     def hook_resid_pre(self, layer: int) -> str:
         """The input of block ``layer`` (the residual stream after block ``layer - 1``)."""
         return f"blocks.{self.check_layer(layer)}.hook_resid_pre"
+
+    def _check_kv_cache(self) -> None:
+        """The fast paths (causal tracing, ROME/MEMIT's prefix cache, knowledge neurons) run a prefix
+        once and continue from its key/value cache. Check, once, that a cached continuation gives the
+        full forward's logits: some transformers releases (5.24) pass the cache to attention under a
+        name the TransformerLens bridge drops, and every cached forward then silently ignores the prefix."""
+        from transformers import DynamicCache
+
+        x = torch.tensor([[self.encode("a")[0]] * 3], device=self.device)
+        with torch.no_grad():
+            full = self.hf_model(input_ids=x, use_cache=False).logits[0, -1].float()
+            cache = DynamicCache()
+            self.hf_model(input_ids=x[:, :-1], past_key_values=cache, use_cache=True)
+            cached = self.hf_model(input_ids=x[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1].float()
+        scale = float(full.abs().max()) or 1.0
+        if cache.get_seq_length() != 3 or float((full - cached).abs().max()) > 1e-2 * scale:
+            from importlib.metadata import version
+
+            raise IncompatibleLibraryError(
+                f"{self.name}: a forward continued from a key/value cache does not match the full forward "
+                f"(cache holds {cache.get_seq_length()} of 3 tokens) with transformers {version('transformers')} "
+                f"and transformer-lens {version('transformer-lens')}. Install the versions pyproject.toml "
+                "pins (transformers<5.24 with transformer-lens 4.3).")
 
     def _probe_block_output(self) -> int | None:
         """How a block returns its output: ``None`` for a bare tensor, else the tuple's length (hidden

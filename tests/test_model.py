@@ -166,3 +166,21 @@ def test_cached_load_is_fast_and_reported(lm):
     hf, tok, report = loading.load_default_hf()
     assert report.source == "cache"
     assert report.seconds < 10
+
+
+def test_kv_cache_continuation_matches_full_forward_or_load_fails(tiny):
+    """The check HookedLM runs at load: it passes on the installed libraries, and a model whose
+    forward drops the key/value cache (as transformers 5.24 with the 4.3 bridge does) is refused."""
+    tiny._check_kv_cache()  # the installed versions keep the cache
+    orig = tiny.hf_model.forward
+
+    def drops_cache(*args, past_key_values=None, use_cache=None, **kw):
+        return orig(*args, **kw)
+
+    tiny.hf_model.forward = drops_cache
+    try:
+        with pytest.raises(locate.IncompatibleLibraryError, match="key/value cache"):
+            tiny._check_kv_cache()
+    finally:
+        del tiny.hf_model.forward
+    tiny._check_kv_cache()
