@@ -10,10 +10,12 @@ def test_info_prints_dimensions(capsys, lm):
     assert "cache directory" in out
 
 
-def test_demo_prints_top5(capsys, lm):
+def test_demo_prints_top5_and_saves_the_heatmaps(capsys, lm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo writes trace.png to the working directory
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "' Paris'" in out
+    assert (tmp_path / "trace.png").stat().st_size > 10_000
 
 
 def test_cli_error_is_reported_not_raised(capsys):
