@@ -6,6 +6,8 @@
 Sections (each resumable: re-running with the same arguments continues where it stopped):
   1. CounterFact, single mode: each method on the first --n-cf dev cases (ES, PS, NS, S, fluency, time).
   2. zsRE, single mode: the first --n-zsre cases (reliability, generality, locality, portability).
+  2b. MQuAKE, single mode: the first --n-mquake cases of --mquake-file; all rewrites of a case are
+      applied (ROME one after another, MEMIT in one batch), then the multi-hop questions are asked.
   3. Sequential ROME on CounterFact: the curve at checkpoints up to --n-seq edits.
   4. Layer sweep on the first --n-sweep CounterFact cases, with the MLP AIE correlation.
   5. MEMIT batch sizes (--batch-sizes) on CounterFact, when MEMIT is installed.
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="rome,memit,ft,none")
     ap.add_argument("--n-cf", type=int, default=200)
     ap.add_argument("--n-zsre", type=int, default=200)
+    ap.add_argument("--n-mquake", type=int, default=20)
+    ap.add_argument("--mquake-file", default="mquake/MQuAKE-hard.json", help="relative to --data-dir")
     ap.add_argument("--n-seq", type=int, default=200)
     ap.add_argument("--n-sweep", type=int, default=50)
     ap.add_argument("--sweep-layers", default=None, help="comma-separated (default: every layer)")
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memit-layers", default=None, help="comma-separated MEMIT layers (default: MEMIT's own 'auto')")
     ap.add_argument("--corpus", default=None, help="text file for the key statistics of ROME/MEMIT "
                     "(default: DATA/wikitext/wikitext-2-raw/wiki.valid.raw)")
-    ap.add_argument("--sections", default="cf,zsre,seq,sweep,batch")
+    ap.add_argument("--sections", default="cf,zsre,mquake,seq,sweep,batch")
     ap.add_argument("--partial", action="store_true",
                     help="only summarise the records already in OUT (runs cut short), without running anything")
     args = ap.parse_args(argv)
@@ -135,6 +139,20 @@ def main(argv=None) -> int:
         say(f"\n## zsRE dev, first {len(cases)} cases, single mode")
         say("```\n" + format_table(runs) + "\n```")
 
+    if "mquake" in sections:
+        cases = edit.load_mquake(data / args.mquake_file, args.n_mquake)
+        n_req = sum(len(c.requests) for c in cases)
+        runs = []
+        for m in available:
+            if m == "ft" and ft_layer is None:
+                continue
+            t = time.perf_counter()
+            runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"mquake_{m}", **kw))
+            say(f"[mquake] {m}: {time.perf_counter() - t:.0f} s")
+        say(f"\n## MQuAKE ({args.mquake_file}), first {len(cases)} cases ({n_req} rewrites), single mode: "
+            "every rewrite of a case applied together; Port. is the multi-hop questions' answer accuracy")
+        say("```\n" + format_table(runs) + "\n```")
+
     if "seq" in sections and "rome" in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_seq)
         t = time.perf_counter()
@@ -185,7 +203,7 @@ def summarise_partial(out: Path) -> int:
     from edit.metrics import aggregate
 
     lines = [f"# partial summary of {out}, {time.strftime('%Y-%m-%d %H:%M %Z')}"]
-    for prefix in ("cf", "zsre"):
+    for prefix in ("cf", "zsre", "mquake"):
         runs = []
         for d in sorted(out.glob(f"{prefix}_*")):
             rec_file = d / "records.jsonl"
