@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-mquake", type=int, default=20)
     ap.add_argument("--mquake-file", default="mquake/MQuAKE-hard.json", help="relative to --data-dir")
     ap.add_argument("--n-seq", type=int, default=200)
+    ap.add_argument("--seq-checkpoints", default="1,10,25,50,100,150,200",
+                    help="edit counts at which the sequential run scores every case edited so far (those <= --n-seq)")
     ap.add_argument("--n-sweep", type=int, default=50)
     ap.add_argument("--sweep-layers", default=None, help="comma-separated (default: every layer)")
     ap.add_argument("--sweep-method", default="rome")
@@ -156,8 +158,9 @@ def main(argv=None) -> int:
     if "seq" in sections and "rome" in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_seq)
         t = time.perf_counter()
+        checkpoints = sorted({k for k in map(int, args.seq_checkpoints.split(",")) if k <= len(cases)} | {len(cases)})
         res = edit.evaluate("rome", cases, mode="sequential", hparams=hp("rome"), fluency=False, out=out / "seq_rome",
-                            **kw)
+                            checkpoints=checkpoints, **kw)
         say(f"\n## Sequential ROME on CounterFact, {len(cases)} edits ({time.perf_counter() - t:.0f} s)")
         say("edits   ES     PS     NS     S")
         for n, a in sorted(res.curve.items()):
