@@ -10,7 +10,7 @@ Templates follow the reference code: the bare "{}" plus, for each (length, count
 ``count`` samples of at most ``length`` tokens (top-k 5 sampling), started from the model-neutral words
 "The", "Therefore", "Because", "I", "You" (as MEMIT's code does, so no architecture-specific start
 token is needed), with braces removed and ". {}" appended. The ROME defaults ((5, 10), (10, 10)) give
-21 templates. They are seeded, and cached per model (memory, and JSON under
+21 templates. They are seeded, and cached per model and library versions (memory, and JSON under
 ``locate.cache_dir()/context/``).
 """
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from locate import resolve_model
-from locate.loading import cache_dir
+from locate.loading import cache_dir, derived_cache_key
 
 from .request import Request
 
@@ -53,7 +53,7 @@ def context_templates(model=None, *, seed: int = 0, lengths: Sequence[tuple[int,
                       cache: bool = True) -> list[str]:
     """``["{}", "<prefix>. {}", ...]``: the bare template plus model-generated prefixes, seeded."""
     lm = resolve_model(model)
-    key = f"{lm.fingerprint}-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)
+    key = f"{derived_cache_key(lm)}-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)
     memo = lm.__dict__.setdefault("_context_templates", {})
     if key in memo:
         return list(memo[key])

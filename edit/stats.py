@@ -29,7 +29,7 @@ CPU for a layer in the first third of the model, see bench/rome_bench.py). That 
 dimension of SmolLM2 (d_mlp=1536): enough for a well-conditioned C, noisier than the paper's estimate.
 Raise ``n_tokens`` for published numbers; results are cached on disk, so the cost is paid once.
 
-Cache: ``locate.cache_dir()/stats/<fingerprint>/layer<l>-<corpus hash>-<n_tokens>.safetensors``,
+Cache: ``locate.cache_dir()/stats/<fingerprint>-<library versions digest>/layer<l>-<corpus hash>-<n_tokens>.safetensors``,
 holding C with a SHA-256 of its bytes and the key (fingerprint, layer, corpus hash, token count) in
 the header. A file that is unreadable, fails its checksum or belongs to another key is reported
 (:class:`locate.loading.CacheRebuiltWarning`), recomputed and overwritten.
@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from locate import resolve_model
 from locate.errors import CacheCorruptedError, SingularStatisticsError
-from locate.loading import CacheRebuiltWarning, cache_dir
+from locate.loading import CacheRebuiltWarning, cache_dir, derived_cache_key
 
 DEFAULT_N_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 256
@@ -193,7 +193,7 @@ def token_stream(lm, corpus, n_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN, s
 
 # --------------------------------------------------------------------------- cache
 def stats_path(lm, layer: int, corpus_hash: str, n_tokens: int) -> Path:
-    return cache_dir() / "stats" / lm.fingerprint / f"layer{layer}-{corpus_hash}-{n_tokens}.safetensors"
+    return cache_dir() / "stats" / derived_cache_key(lm) / f"layer{layer}-{corpus_hash}-{n_tokens}.safetensors"
 
 
 def _key(lm, layer, corpus_hash, n_tokens) -> dict:

@@ -2,7 +2,8 @@
 
 :func:`layer_profile` traces (MLP kind only, fast path, last subject token only) a calibration set of
 facts that the model gets right and averages the indirect effects. The result is cached on disk per
-model fingerprint under ``cache_dir()/calibration/`` with a SHA-256 of its content; a corrupted
+model fingerprint and library versions (:func:`locate.loading.derived_cache_key`) under
+``cache_dir()/calibration/`` with a SHA-256 of its content; a corrupted
 file is detected, reported and recomputed. ROME's ``layer="auto"`` and MEMIT's ``layers="auto"`` use it.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loading import cache_dir
+from .loading import cache_dir, derived_cache_key
 
 DEFAULT_FACTS = Path(__file__).parent / "data" / "calibration_facts.json"
 
@@ -81,7 +82,7 @@ def layer_profile(model=None, *, facts=None, n: int | None = 15, samples: int = 
     if n is not None:
         fact_list = fact_list[:n]
     key = _digest({"facts": fact_list, "samples": samples, "window": window, "seed": seed})[:12]
-    path = cache_dir() / "calibration" / f"{lm.fingerprint}-{key}.json"
+    path = cache_dir() / "calibration" / f"{derived_cache_key(lm)}-{key}.json"
     if cache and path.is_file():
         try:
             d = json.loads(path.read_text())

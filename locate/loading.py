@@ -51,6 +51,24 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "locate-edit"
 
 
+def derived_cache_key(lm) -> str:
+    """The model part of the key of every cache derived from running a model (layer profiles,
+    context templates, key statistics): its weight fingerprint plus a digest of the versions of the
+    libraries that ran it. A cache made under other versions is recomputed, not reused: with
+    transformers 5.24 the TransformerLens bridge dropped the key/value cache, and templates and a
+    calibration made that way stayed on disk and steered later, correct runs to other layers."""
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        tl = version("transformer-lens")
+    except Exception:  # noqa: BLE001 - an uninstalled metadata entry: the digest still covers the rest
+        tl = "unknown"
+    libs = f"torch {torch.__version__}, transformers {transformers.__version__}, transformer-lens {tl}"
+    return f"{lm.fingerprint}-{hashlib.sha256(libs.encode()).hexdigest()[:8]}"
+
+
 def default_model_cache() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL
 

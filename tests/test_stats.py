@@ -109,3 +109,26 @@ def test_every_tiny_architecture(tiny, tmp_cache):
     for st in stats.values():
         assert st.C.shape == (tiny.d_mlp, tiny.d_mlp) and torch.isfinite(st.C).all()
         assert torch.allclose(st.C, st.C.T)
+
+
+def test_caches_made_under_other_library_versions_are_not_reused(lm, tmp_cache, monkeypatch):
+    """Statistics, context templates and layer profiles are keyed by the library versions as well as
+    the weights: transformers 5.24 once broke cached forwards, and what it computed must not outlive it."""
+    import transformers
+
+    from edit.context import context_templates
+    from locate.loading import derived_cache_key
+
+    first = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    key = derived_cache_key(lm)
+    templates = context_templates(lm, lengths=((4, 2),))
+    assert key.startswith(lm.fingerprint) and len(list((tmp_cache / "context").glob(f"{key}-*"))) == 1
+    monkeypatch.setattr(transformers, "__version__", "0.0.0-other")
+    assert derived_cache_key(lm) != key
+    again = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    assert not again.cached and torch.equal(again.C, first.C)  # recomputed (deterministically), not reused
+    assert stats_path(lm, 3, first.corpus_hash, 200).parent.name == derived_cache_key(lm)
+    assert context_templates(lm, lengths=((4, 2),)) == templates  # regenerated: same seed, same text
+    assert len(list((tmp_cache / "context").glob(f"{lm.fingerprint}-*"))) == 2
+    monkeypatch.undo()
+    assert key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3].cached
