@@ -73,6 +73,7 @@ class Method:
     target: str | Callable | None
     batched: bool
     description: str = ""
+    layers: tuple[str, str | Callable] | None = None  # (the hparam naming the layers, "module:resolver" or resolver)
 
     def function(self) -> Callable:
         if callable(self.target):
@@ -87,16 +88,22 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, target: str | Callable | None, *, batched: bool, description: str = "") -> None:
+def register_method(name: str, target: str | Callable | None, *, batched: bool, description: str = "",
+                    layers: tuple[str, str | Callable] | None = None) -> None:
     """Make ``name`` usable in :func:`evaluate`. ``target``: ``"module:function"``, a function
-    ``(requests_or_request, *, model, **hparams) -> Edit``, or None for no edit."""
-    _METHODS[name] = Method(name, target, batched, description)
+    ``(requests_or_request, *, model, **hparams) -> Edit``, or None for no edit. ``layers``:
+    ``(hparam, "module:resolver" or the resolver)`` for a method whose layers may be ``"auto"``; the resolver
+    ``(lm, spec) -> (layers, reason)`` fixes them before the run (see :func:`pin_layers`)."""
+    _METHODS[name] = Method(name, target, batched, description, layers)
 
 
 register_method("none", None, batched=True, description="the unedited model")
-register_method("ft", "edit.ft:fine_tune", batched=True, description="FT-L, constrained fine-tuning of one MLP")
-register_method("rome", "edit.rome:rome", batched=False, description="ROME (Meng et al. 2022)")
-register_method("memit", "edit.memit:memit", batched=True, description="MEMIT (Meng et al. 2023)")
+register_method("ft", "edit.ft:fine_tune", batched=True, description="FT-L, constrained fine-tuning of one MLP",
+                layers=("layer", "edit.rome:resolve_layer"))
+register_method("rome", "edit.rome:rome", batched=False, description="ROME (Meng et al. 2022)",
+                layers=("layer", "edit.rome:resolve_layer"))
+register_method("memit", "edit.memit:memit", batched=True, description="MEMIT (Meng et al. 2023)",
+                layers=("layers", "edit.memit:resolve_layers"))
 register_method("kn", "edit.evaluate:kn_edit", batched=False, description="knowledge-neuron edit (Dai et al. 2022)")
 
 
@@ -123,6 +130,23 @@ def kn_edit(request: Request, *, model=None, steps: int = 20, threshold: float =
         e = Edit("KN-update", [request], [], lm.fingerprint, lm.name, metrics={"n_neurons": 0})
     e.metrics.setdefault("n_neurons", sum(len(d.right) if d.right is not None else 0 for d in e.deltas))
     return e
+
+
+def pin_layers(method: Method, lm, hparams: dict) -> tuple[dict, str | None]:
+    """``hparams`` with the method's layer spec (``"auto"``, a trace, a profile or explicit layers)
+    replaced by the layers it resolves to now, and the resolver's reason. A run's settings then name
+    the layers it edits, so resuming it after ``"auto"`` would pick other layers (a new calibration,
+    another library version) fails instead of mixing layers in one table."""
+    if method.layers is None:
+        return dict(hparams), None
+    key, resolver = method.layers
+    if not callable(resolver):
+        mod, fn = resolver.split(":")
+        resolver = getattr(importlib.import_module(mod), fn)
+    spec = hparams.get(key, "auto")
+    extra = {"n_layers": hparams["n_layers"]} if key == "layers" and "n_layers" in hparams else {}
+    resolved, reason = resolver(lm, spec, **extra)
+    return {**hparams, key: resolved}, reason
 
 
 def methods() -> dict[str, Method]:
@@ -354,7 +378,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
              seed: int = 0, progress: bool = True) -> Results:
     """Edit with ``method`` and score, over ``cases``. See the module docstring for the modes.
 
-    ``hparams`` go to the method (e.g. ``{"layer": 5}``). ``batch_size``: requests per MEMIT batch in
+    ``hparams`` go to the method (e.g. ``{"layer": 5}``); a layer spec such as ``"auto"`` is resolved
+    once, before the first case (:func:`pin_layers`), and the settings record the layers used. ``batch_size``: requests per MEMIT batch in
     batch mode. ``checkpoints``: edit counts at which sequential mode scores (default 1, 10, 50,
     100, 200, ... up to the number of cases). ``fluency``: sample generations for the fluency score
     (the slow part; ``gen_length`` tokens per text); an int k scores fluency on the first k cases only. ``normalize``: ``"sum"`` (P of the whole target)
@@ -371,7 +396,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     for c in cases:
         for r in c.requests:
             r.check(lm)
-    hp = dict(hparams or {})
+    hp, layers_reason = pin_layers(m, lm, dict(hparams or {}))
     settings = {"method": method, "mode": mode, "hparams": _describe_hparams(hp), "fingerprint": lm.fingerprint,
                 "cases": [str(c.case_id) for c in cases], "fluency": fluency, "gen_length": gen_length,
                 "normalize": normalize, "seed": seed}
@@ -384,6 +409,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
             raise ValueError(f"checkpoints must lie in 1..{len(cases)}, got {checkpoints}")
         settings["checkpoints"] = checkpoints
     store = _Store(out, settings, resume)
+    if layers_reason:
+        settings["layers_reason"] = layers_reason  # reported, not part of the resume key
     score_kw = dict(normalize=normalize, gen_length=gen_length, seed=seed)
     position = {id(c): i for i, c in enumerate(cases)}
 

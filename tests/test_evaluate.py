@@ -96,6 +96,43 @@ def test_resume_skips_done_cases(tiny_lm, tmp_path):
                       hparams={"scale": 2e-3})
 
 
+AUTO = {"layer": 1}  # what "auto" resolves to, as a calibration would say
+
+
+def _resolve(lm, spec):
+    return (AUTO["layer"] if spec == "auto" else lm.check_layer(spec)), f"layer from {spec!r}"
+
+
+ev.register_method("bump_auto", _bump, batched=False, layers=("layer", _resolve))
+
+
+def test_auto_layers_are_pinned_in_the_settings_and_guard_the_resume(tiny_lm, tmp_path):
+    """A run records the layers "auto" resolved to; if "auto" later resolves elsewhere (a recomputed
+    calibration), resuming fails instead of mixing layers in one table."""
+    AUTO["layer"] = 1
+    res = edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False)
+    assert [r["layers"] for r in res.records] == [[1], [1]]
+    stored = json.loads((tmp_path / "settings.json").read_text())["settings"]
+    assert stored["hparams"]["layer"] == 1 and res.settings["layers_reason"] == "layer from 'auto'"
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    (tmp_path / "records.jsonl").write_text(lines[0] + "\n")
+    AUTO["layer"] = 0
+    ws = _weights(tiny_lm)
+    with pytest.raises(LocateEditError, match="different settings"):
+        edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False)
+    assert _same(tiny_lm, ws)
+    CALLS.clear()  # the explicit layer the run was made with resumes it
+    res = edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False,
+                        hparams={"layer": 1})
+    assert CALLS == ["Jean"] and [r["layers"] for r in res.records] == [[1], [1]]
+    AUTO["layer"] = 1
+    # the built-in resolvers: MEMIT's explicit layers come back checked and sorted
+    hp, why = ev.pin_layers(ev.get_method("memit"), tiny_lm, {"layers": [1, 0], "kl_factor": 0.1})
+    assert hp == {"layers": [0, 1], "kl_factor": 0.1} and "given explicitly" in why
+    with pytest.raises(LayerOutOfRangeError):
+        ev.pin_layers(ev.get_method("rome"), tiny_lm, {"layer": tiny_lm.n_layers})
+
+
 def test_batch_mode(tiny_lm):
     ws = _weights(tiny_lm)
     res = edit.evaluate("ft", _cases(), model=tiny_lm, mode="batch", batch_size=2, fluency=False, progress=False,
