@@ -129,31 +129,27 @@ def main(argv=None) -> int:
         say("```\n" + format_table(runs) + "\n```")
         viz.plot_methods(runs).savefig(out / "counterfact_methods.png", dpi=120)
 
-    if "zsre" in sections:
-        cases = edit.load_zsre(data / "zsre/zsre_dev_800.json", args.n_zsre)
+    def single_runs(prefix, cases, title):
+        """Every available method on ``cases`` in single mode, without fluency, into OUT/<prefix>_<method>."""
         runs = []
         for m in available:
             if m == "ft" and ft_layer is None:
                 continue
             t = time.perf_counter()
-            runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"zsre_{m}", **kw))
-            say(f"[zsre] {m}: {time.perf_counter() - t:.0f} s")
-        say(f"\n## zsRE dev, first {len(cases)} cases, single mode")
+            runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"{prefix}_{m}", **kw))
+            say(f"[{prefix}] {m}: {time.perf_counter() - t:.0f} s")
+        say(f"\n## {title}")
         say("```\n" + format_table(runs) + "\n```")
+
+    if "zsre" in sections:
+        cases = edit.load_zsre(data / "zsre/zsre_dev_800.json", args.n_zsre)
+        single_runs("zsre", cases, f"zsRE dev, first {len(cases)} cases, single mode")
 
     if "mquake" in sections:
         cases = edit.load_mquake(data / args.mquake_file, args.n_mquake)
-        n_req = sum(len(c.requests) for c in cases)
-        runs = []
-        for m in available:
-            if m == "ft" and ft_layer is None:
-                continue
-            t = time.perf_counter()
-            runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"mquake_{m}", **kw))
-            say(f"[mquake] {m}: {time.perf_counter() - t:.0f} s")
-        say(f"\n## MQuAKE ({args.mquake_file}), first {len(cases)} cases ({n_req} rewrites), single mode: "
-            "every rewrite of a case applied together; Port. is the multi-hop questions' answer accuracy")
-        say("```\n" + format_table(runs) + "\n```")
+        single_runs("mquake", cases, f"MQuAKE ({args.mquake_file}), first {len(cases)} cases "
+                    f"({sum(len(c.requests) for c in cases)} rewrites), single mode: every rewrite of a case "
+                    "applied together; Port. is the multi-hop questions' answer accuracy")
 
     if "seq" in sections and "rome" in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_seq)
