@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-sweep", type=int, default=50)
     ap.add_argument("--sweep-layers", default=None, help="comma-separated (default: every layer)")
     ap.add_argument("--sweep-method", default="rome")
+    ap.add_argument("--sweep-aie", choices=("cases", "calibration", "none"), default="cases",
+                    help="AIE for the sweep: trace the swept cases (default), the calibration facts, or none")
     ap.add_argument("--batch-sizes", default="1,10,50")
     ap.add_argument("--n-batch", type=int, default=50)
     ap.add_argument("--fluency-cases", type=int, default=50, help="cases (of --n-cf) that get sampled generations")
@@ -172,10 +174,13 @@ def main(argv=None) -> int:
             key_second_moments(lm, layers if layers is not None else list(range(lm.n_layers)), corpus=corpus)
         t = time.perf_counter()
         sw_hp = {k: v for k, v in hp(args.sweep_method).items() if k not in ("layer", "layers")}
-        sw = layer_sweep(cases, method=args.sweep_method, model=lm, layers=layers, hparams=sw_hp, out=out / "sweep")
+        sw = layer_sweep(cases, method=args.sweep_method, model=lm, layers=layers, hparams=sw_hp, out=out / "sweep",
+                         aie=None if args.sweep_aie == "none" else args.sweep_aie)
         say(f"\n## Layer sweep, {args.sweep_method}, {len(cases)} CounterFact cases ({time.perf_counter() - t:.0f} s)")
         say("```\n" + sw.table() + "\n```")
         viz.plot_layer_sweep(sw).savefig(out / "layer_sweep.png", dpi=120)
+        if sw.points:
+            viz.plot_tracing_vs_editing(sw).savefig(out / "layer_sweep_cases.png", dpi=120)
 
     if "batch" in sections and "memit" in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_batch)

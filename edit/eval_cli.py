@@ -56,9 +56,12 @@ def cmd_eval(args) -> int:
 
     if args.sweep:
         for m in methods:
-            sw = layer_sweep(cases, method=m, model=lm, layers=_ints(args.layers), out=out / f"sweep_{m}")
+            sw = layer_sweep(cases, method=m, model=lm, layers=_ints(args.layers), out=out / f"sweep_{m}",
+                             aie=None if args.sweep_aie == "none" else args.sweep_aie)
             print(sw.table())
             viz.plot_layer_sweep(sw).savefig(out / f"sweep_{m}.png", dpi=120)
+            if sw.points:
+                viz.plot_tracing_vs_editing(sw).savefig(out / f"sweep_{m}_cases.png", dpi=120)
         return 0
 
     runs = []
@@ -100,6 +103,9 @@ def add_cli(sub) -> None:
     p.add_argument("--layer", type=int, default=None, help="edit this layer (default: the method's own choice)")
     p.add_argument("--sweep", action="store_true", help="layer sweep: edit the cases at every layer")
     p.add_argument("--layers", default=None, help="with --sweep: comma-separated layers (default all)")
+    p.add_argument("--sweep-aie", choices=("cases", "calibration", "none"), default="cases",
+                   help="with --sweep: trace the swept cases themselves (default; also gives the case-level "
+                        "regression), use locate.layer_profile's calibration facts, or skip tracing")
     p.add_argument("--data-dir", default=None, help="data directory laid out like shared/data "
                                                      "(default $LOCATE_EDIT_DATA, ./shared/data or ../shared/data)")
     p.add_argument("--schema", default="counterfact", help="loader for a .json dataset path (default counterfact)")

@@ -2,36 +2,69 @@
 
 Edit the same cases at every layer l (single mode, reverting after each case) and record efficacy,
 paraphrase and neighborhood scores per layer, next to the MLP average indirect effect (AIE) of
-causal tracing per layer. The answer is the correlation across layers between where tracing says the
-fact is and where editing works:
+causal tracing per layer. Two answers are reported.
 
-    r_Pearson(AIE_l, metric_l),  rho_Spearman(AIE_l, metric_l)   over l = 0..L-1.
+**Layer level** (the ROME paper's layer choice rests on this): the correlation across layers between
+where tracing says the fact is and where editing works,
 
-(Hase et al. also correlate tracing and editing success case by case; this sweep reports the
-layer-level relation, which is what the ROME paper's layer choice rests on.)
+    r_Pearson(AIE_l, metric_l),  rho_Spearman(AIE_l, metric_l)   over the swept layers l.
+
+**Case level** (Hase et al. §4). With ``aie="cases"`` each swept case is traced itself: its tracing
+effect TE_{c,l} is the MLP indirect effect at the last subject token for layer l, on the first token
+of the true target (restoring a window of MLP layers around l, as in causal tracing). Over all
+(case, layer) pairs, edit success y_{c,l} is regressed three ways:
+
+    (1) y_{c,l} = α_l + ε                  R²_layer   the layer alone (one mean per layer)
+    (2) y_{c,l} = β_0 + β_1 TE_{c,l} + ε   R²_trace   the tracing effect alone
+    (3) y_{c,l} = α_l + β_1 TE_{c,l} + ε   R²_both    layer and tracing effect
+
+and ΔR² = R²_both − R²_layer is what the tracing effect adds once the layer is known. Hase et al.
+find it near zero for ROME on GPT-J. The outcomes y are the rewrite score
+(p_after(new) − p_before(new)) / (1 − p_before(new)) on the rewrite prompt, and the efficacy,
+paraphrase and neighborhood magnitudes of each case's record.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from locate._io import read_json, write_json
 from locate import resolve_model
 
 from .datasets import Case
-from .metrics import pearson, spearman
+from .metrics import pearson, prob, spearman, teacher_forced
 
 SWEEP_METRICS = ("es", "ps", "ns", "score", "em", "pm", "nm", "rewrite_acc", "paraphrase_acc", "locality")
+REGRESSION_OUTCOMES = ("rewrite_score", "em", "pm", "nm")
+
+
+@dataclass
+class CaseTracing:
+    """Causal tracing of each swept case on the unedited model (MLP kind, last subject token)."""
+
+    case_ids: list[str]
+    ie: list[list[float]]  # ie[c][l]: MLP indirect effect at the last subject token, layer l
+    answers: list[str]  # the traced token: the true target's first token (the clean top-1 without one)
+    p_clean: list[float]
+    p_corrupted: list[float]
+    known: list[bool]  # the traced token is the unedited model's top-1
+    p_new_before: list[float]  # unedited P(target_new | rewrite prompt), for the rewrite score
+    samples: int
+    window: int
+    seed: int
 
 
 @dataclass
 class LayerSweep:
-    """Metrics against layer, the AIE profile, and their correlations."""
+    """Metrics against layer, the AIE profile, their correlations and (with ``aie="cases"``) the
+    case-level regression of edit success on layer and tracing effect."""
 
     method: str
     layers: list[int]
@@ -43,6 +76,9 @@ class LayerSweep:
     model_name: str
     hparams: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    case_tracing: dict | None = None  # asdict(CaseTracing)
+    regression: dict[str, dict[str, float]] = field(default_factory=dict)  # outcome -> R² values
+    points: dict[str, list[list[float]]] = field(default_factory=dict)  # outcome -> [layer, TE, y] rows
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, asdict(self))
@@ -61,19 +97,132 @@ class LayerSweep:
             lines.append(row)
         for k, c in self.correlations.items():
             lines.append(f"corr(AIE, {k.upper()}): Pearson {c['pearson']:+.2f}, Spearman {c['spearman']:+.2f}")
-        if not self.aie:
-            lines.append(f"AIE: {self.aie_source}")
+        lines.append(f"AIE: {self.aie_source}")
+        if self.regression:
+            lines.append("case level, over (case, layer) pairs: R² of edit success on")
+            lines.append("outcome         layer  tracing   both   added by tracing  corr(TE, y)")
+            for k, r in self.regression.items():
+                lines.append(f"{k:<14} {r['r2_layer']:6.3f}  {r['r2_trace']:6.3f}  {r['r2_both']:6.3f}  "
+                             f"{r['delta_r2']:+16.3f}  {r['pearson']:+10.2f}   (n={r['n']})")
         return "\n".join(lines)
 
 
-def _aie_profile(lm, aie) -> tuple[list[float] | None, str]:
-    if aie is not None:
-        vals = getattr(aie, "aie", aie)
-        return [float(x) for x in np.asarray(vals, dtype=float).reshape(-1)], "given"
-    from locate import layer_profile
+# --------------------------------------------------------------------------- tracing the swept cases
+def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: int = 10, seed: int = 0,
+                out: str | Path | None = None, progress: bool = True) -> CaseTracing:
+    """Trace each case's rewrite prompt on the (unedited) model: MLP indirect effects at the last
+    subject token for every layer, on the first token of ``target_true``. With ``out`` the result is
+    cached in ``out`` (a JSON file) and reused when model, cases and settings match."""
+    from locate.causal_trace import trace
 
-    prof = layer_profile(lm)
-    return [float(x) for x in np.asarray(prof.aie, dtype=float).reshape(-1)], "locate.layer_profile (MLP AIE, last subject token)"
+    lm = resolve_model(model)
+    settings = {"fingerprint": lm.fingerprint, "cases": [str(c.case_id) for c in cases], "samples": samples,
+                "window": window, "seed": seed}
+    if out is not None and Path(out).is_file():
+        try:
+            stored = read_json(out, "case tracing")
+            if stored["settings"] == settings:
+                return CaseTracing(**stored["tracing"])
+        except (ValueError, KeyError, TypeError) as e:  # unreadable or from an older format: trace again
+            warnings.warn(f"case tracing file {out} is unreadable ({e}); tracing again", stacklevel=2)
+    rows = {k: [] for k in ("ie", "answers", "p_clean", "p_corrupted", "known")}
+    for c in tqdm(cases, desc="tracing the swept cases", disable=not progress):
+        r = c.request
+        prompt = r.rendered
+        target = lm.target_ids(r.target_true, prompt)[0] if r.target_true else None
+        tr = trace(prompt, r.subject, model=lm, kinds=("mlp",), samples=samples, window=window, seed=seed,
+                   target=target, tokens=["last_subject"])
+        rows["ie"].append([float(x) for x in tr.ie("mlp")[tr.token_index("last_subject")]])
+        rows["answers"].append(tr.answer)
+        rows["p_clean"].append(tr.p_clean)
+        rows["p_corrupted"].append(tr.p_corrupted)
+        top1 = int(lm.last_logits([prompt])[0].argmax())
+        rows["known"].append(target is None or top1 == target)
+    before = teacher_forced(lm, [c.request.rendered for c in cases], [c.request.target_new for c in cases])
+    result = CaseTracing(case_ids=settings["cases"], p_new_before=[prob(t) for t in before], samples=samples,
+                         window=window, seed=seed, **rows)
+    if out is not None:
+        write_json(out, {"settings": settings, "tracing": asdict(result)})
+    return result
+
+
+# --------------------------------------------------------------------------- Hase et al.'s regression
+def _r2(X: np.ndarray, y: np.ndarray) -> float:
+    """R² of the least-squares fit y ≈ X β (X holds its own intercept columns)."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    ss_res = float(((y - X @ beta) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return float("nan") if ss_tot == 0 else 1.0 - ss_res / ss_tot
+
+
+def localization_regression(layer: Sequence[int], te: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Regressions (1)-(3) of the module docstring over pairs (layer_i, TE_i, y_i). NaN values of y
+    are dropped; with no more observations than parameters the R² values are NaN."""
+    layer, te, y = np.asarray(layer), np.asarray(te, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = ~np.isnan(y) & ~np.isnan(te)
+    layer, te, y = layer[keep], te[keep], y[keep]
+    levels = sorted(set(layer.tolist()))
+    onehot = (layer[:, None] == np.asarray(levels)[None, :]).astype(np.float64)  # α_l
+    X_layer = onehot
+    X_trace = np.stack([np.ones_like(te), te], axis=1)  # β_0 + β_1 TE
+    X_both = np.concatenate([onehot, te[:, None]], axis=1)  # α_l + β_1 TE
+    n = len(y)
+    fits = {}
+    for name, X in (("r2_layer", X_layer), ("r2_trace", X_trace), ("r2_both", X_both)):
+        fits[name] = _r2(X, y) if n > X.shape[1] else float("nan")
+    fits["delta_r2"] = fits["r2_both"] - fits["r2_layer"]
+    fits["pearson"] = pearson(te, y)
+    fits["n"] = int(n)
+    return fits
+
+
+def _outcomes(record: dict, p_before: float) -> dict[str, float]:
+    y = {k: float(record[k]) for k in ("em", "pm", "nm") if record.get(k) is not None}
+    if record.get("p_new") is not None and p_before < 1.0:
+        y["rewrite_score"] = (float(record["p_new"]) - p_before) / (1.0 - p_before)
+    return y
+
+
+def case_points(layers: Sequence[int], records_by_layer: Sequence[Sequence[dict]],
+                tracing: CaseTracing) -> dict[str, list[list[float]]]:
+    """Pair every (case, layer) record with the case's tracing effect at that layer:
+    ``{outcome: [[layer, TE_{c,l}, y_{c,l}], ...]}`` for each outcome in ``REGRESSION_OUTCOMES``."""
+    index = {cid: i for i, cid in enumerate(tracing.case_ids)}
+    points: dict[str, list[list[float]]] = {k: [] for k in REGRESSION_OUTCOMES}
+    for l, records in zip(layers, records_by_layer):
+        for rec in records:
+            i = index.get(str(rec["case_id"]))
+            if i is None:
+                continue
+            for k, v in _outcomes(rec, tracing.p_new_before[i]).items():
+                points[k].append([l, tracing.ie[i][l], v])
+    return {k: p for k, p in points.items() if p}
+
+
+def case_regression(points: dict[str, list[list[float]]]) -> dict[str, dict[str, float]]:
+    """:func:`localization_regression` for each outcome of :func:`case_points`."""
+    return {k: localization_regression(*zip(*p)) for k, p in points.items()}
+
+
+# --------------------------------------------------------------------------- the sweep
+def _aie_profile(lm, aie, cases, tracing: CaseTracing | None) -> tuple[list[float] | None, str]:
+    if aie is None:
+        return None, "not computed (aie=None)"
+    if isinstance(aie, str) and aie == "cases":
+        known = sum(tracing.known)
+        return (np.asarray(tracing.ie).mean(0).tolist(),
+                f"MLP IE at the last subject token, mean over the {len(cases)} swept cases ({known} of them known "
+                f"to the model), traced on the true target's first token; samples={tracing.samples}, "
+                f"window={tracing.window}")
+    if isinstance(aie, str) and aie == "calibration":
+        from locate import layer_profile
+
+        prof = layer_profile(lm)
+        return [float(x) for x in prof.aie], f"locate.layer_profile: {prof.reason()} ({prof.source})"
+    if isinstance(aie, str):
+        raise ValueError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
+    vals = getattr(aie, "aie", aie)
+    return [float(x) for x in np.asarray(vals, dtype=float).reshape(-1)], "given"
 
 
 def layer_hparams(method: str, layer: int) -> dict:
@@ -82,31 +231,47 @@ def layer_hparams(method: str, layer: int) -> dict:
 
 
 def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence[int] | None = None, model=None,
-                aie=None, trace: bool = True, hparams: dict | None = None, out: str | Path | None = None,
-                fluency: bool = False, progress: bool = True) -> LayerSweep:
-    """Edit ``cases`` with ``method`` at each of ``layers`` (default: all) and correlate the metrics
-    with the MLP AIE per layer (``aie``: an array or a ``LayerProfile``; default
-    ``locate.layer_profile(model)`` when causal tracing is installed; ``trace=False`` skips it). With ``out``, each layer's run
-    is stored (and resumed) under ``out/layer_XX/`` and the sweep in ``out/sweep.json``."""
+                aie="cases", hparams: dict | None = None, out: str | Path | None = None, fluency: bool = False,
+                trace_samples: int = 3, trace_window: int = 10, progress: bool = True) -> LayerSweep:
+    """Edit ``cases`` with ``method`` at each of ``layers`` (default: all) and relate the metrics to
+    causal tracing.
+
+    ``aie``: ``"cases"`` (default) traces the swept cases themselves (:func:`trace_cases`); their mean
+    is the AIE profile and the per-case effects feed the case-level regression. ``"calibration"``
+    uses :func:`locate.layer_profile` (the packaged known facts); an array or ``LayerProfile`` is used
+    as given; ``None`` skips tracing. With ``out``, each layer's run is stored (and resumed) under
+    ``out/layer_XX/``, the case tracing in ``out/case_tracing.json`` and the sweep in ``out/sweep.json``.
+    """
     from .evaluate import evaluate
 
     lm = resolve_model(model)
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
+    if isinstance(aie, str) and aie not in ("cases", "calibration"):
+        raise ValueError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
+    tracing = None
+    if isinstance(aie, str) and aie == "cases":  # before editing: the unedited model is traced
+        tracing = trace_cases(cases, lm, samples=trace_samples, window=trace_window,
+                              out=None if out is None else Path(out) / "case_tracing.json", progress=progress)
     metrics: dict[str, list[float]] = {k: [] for k in SWEEP_METRICS}
+    records_by_layer = []
     for l in layers:
         res = evaluate(method, cases, model=lm, mode="single", hparams={**(hparams or {}), **layer_hparams(method, l)},
                        out=None if out is None else Path(out) / f"layer_{l:02d}", fluency=fluency, progress=progress)
+        records_by_layer.append(res.records)
         for k in SWEEP_METRICS:
             metrics[k].append(float(res.aggregates.get(k, float("nan"))))
     metrics = {k: v for k, v in metrics.items() if not all(np.isnan(v))}
-    profile, source = _aie_profile(lm, aie) if (aie is not None or trace) else (None, "not computed (trace=False)")
+    profile, source = _aie_profile(lm, aie, cases, tracing)
     corr = {}
     if profile is not None:
         a = [profile[l] for l in layers]
         for k in ("es", "ps", "ns", "score"):
             if k in metrics:
                 corr[k] = {"pearson": pearson(a, metrics[k]), "spearman": spearman(a, metrics[k])}
-    sweep = LayerSweep(method, layers, metrics, profile, source, corr, len(cases), lm.name, dict(hparams or {}))
+    points = case_points(layers, records_by_layer, tracing) if tracing is not None else {}
+    sweep = LayerSweep(method, layers, metrics, profile, source, corr, len(cases), lm.name, dict(hparams or {}),
+                       case_tracing=None if tracing is None else asdict(tracing), regression=case_regression(points),
+                       points=points)
     if out is not None:
         sweep.save(Path(out) / "sweep.json")
     return sweep

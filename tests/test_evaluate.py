@@ -220,6 +220,85 @@ def test_layer_sweep_correlates_with_the_given_aie(tiny_lm, tmp_path):
     assert "corr(AIE" in sw.table() or "nan" in sw.table()
 
 
+def test_localization_regression_recovers_known_structure():
+    """Regressions (1)-(3) on synthetic (case, layer) data where the answer is known."""
+    import numpy as np
+    from edit.sweep import localization_regression
+
+    rng = np.random.default_rng(0)
+    layer = np.repeat([0, 1, 2], 20)
+    te = rng.random(60)
+    by_layer = np.array([0.1, 0.5, 0.9])[layer]
+    only_layer = localization_regression(layer, te, by_layer)
+    assert only_layer["r2_layer"] == pytest.approx(1.0) and abs(only_layer["delta_r2"]) < 1e-9
+    only_trace = localization_regression(layer, te, 3 * te - 1)
+    assert only_trace["r2_trace"] == pytest.approx(1.0) and only_trace["pearson"] == pytest.approx(1.0)
+    both = localization_regression(layer, te, by_layer + te)
+    assert both["r2_both"] == pytest.approx(1.0)
+    assert 0 < both["r2_layer"] < 1 and both["delta_r2"] == pytest.approx(1 - both["r2_layer"])
+    assert both["n"] == 60
+    tiny = localization_regression([0, 1], [0.1, 0.2], [0.0, 1.0])  # fewer observations than parameters
+    assert np.isnan(tiny["r2_both"]) and np.isnan(tiny["r2_layer"])
+
+
+def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monkeypatch):
+    import numpy as np
+    from edit import sweep as sweep_mod
+    from edit.sweep import LayerSweep, layer_sweep
+
+    cases = _cases()[:2]
+    sw = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
+    tr = sw.case_tracing
+    assert tr["case_ids"] == ["0", "1"] and np.asarray(tr["ie"]).shape == (2, tiny_lm.n_layers)
+    # the traced token is the true target's first token, and the profile is the mean over the cases
+    assert tr["answers"][0] == tiny_lm.tokenizer.decode([tiny_lm.target_ids(" Paris", cases[0].request.rendered)[0]])
+    assert sw.aie == pytest.approx(np.asarray(tr["ie"]).mean(0).tolist())
+    assert all(0 <= p <= 1 for p in tr["p_clean"] + tr["p_corrupted"] + tr["p_new_before"])
+    assert set(sw.regression) == {"rewrite_score", "em", "pm", "nm"}
+    assert all(r["n"] == 4 for r in sw.regression.values())  # 2 cases x 2 layers
+    rec = json.loads((tmp_path / "layer_01" / "records.jsonl").read_text().splitlines()[0])
+    i = tr["case_ids"].index(str(rec["case_id"]))
+    expect = (rec["p_new"] - tr["p_new_before"][i]) / (1 - tr["p_new_before"][i])
+    assert sweep_mod._outcomes(rec, tr["p_new_before"][i])["rewrite_score"] == pytest.approx(expect)
+    assert "added by tracing" in sw.table()
+    assert LayerSweep.load(tmp_path / "sweep.json").case_tracing == tr
+    assert len(sw.points["rewrite_score"]) == 4 and sw.regression["em"]["n"] == 4
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import viz
+
+    assert viz.plot_tracing_vs_editing(sw).axes
+    with pytest.raises(ValueError, match="aie='cases'"):
+        viz.plot_tracing_vs_editing(layer_sweep(cases, method="bump", model=tiny_lm, aie=[0.1, 0.3], progress=False))
+
+    # a rerun reuses the stored tracing and records: nothing is traced or edited again
+    def no_trace(*a, **k):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr("locate.causal_trace.trace", no_trace)
+    CALLS.clear()
+    again = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
+    assert again.case_tracing == tr and CALLS == []
+    monkeypatch.undo()
+
+    # a corrupted tracing file is reported and traced again
+    (tmp_path / "case_tracing.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="case tracing file"):
+        redone = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
+    assert np.allclose(redone.case_tracing["ie"], tr["ie"], rtol=1e-5, atol=1e-12)
+
+
+def test_layer_sweep_rejects_an_unknown_aie_before_editing(tiny_lm):
+    from edit.sweep import layer_sweep
+
+    ws = _weights(tiny_lm)
+    CALLS.clear()
+    with pytest.raises(ValueError, match="aie must be"):
+        layer_sweep(_cases()[:1], method="bump", model=tiny_lm, aie="everywhere", progress=False)
+    assert CALLS == [] and _same(tiny_lm, ws)
+
+
 def test_plots_draw(tiny_lm):
     import matplotlib
 
@@ -247,6 +326,21 @@ def test_eval_cli_on_the_default_model(shared_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ES" in out and "Consistency: not available" in out
     assert (tmp_path / "methods.png").is_file() and (tmp_path / "none_single" / "results.json").is_file()
+
+
+def test_eval_cli_layer_sweep_on_the_default_model(shared_data, tmp_path, capsys):
+    """--sweep traces the swept case itself, edits at each given layer, and saves both figures."""
+    from edit.sweep import LayerSweep
+    from locate.cli import main
+
+    rc = main(["eval", "counterfact", "--method", "ft", "--sweep", "--layers", "2,8", "--n", "1", "--no-fluency",
+               "--data-dir", str(shared_data), "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "corr(AIE, ES)" in out and "added by tracing" in out
+    sw = LayerSweep.load(tmp_path / "sweep_ft" / "sweep.json")
+    assert sw.layers == [2, 8] and len(sw.case_tracing["ie"][0]) == 30
+    assert (tmp_path / "sweep_ft.png").is_file() and (tmp_path / "sweep_ft_cases.png").is_file()
 
 
 def test_methods_that_apply_their_own_edit(tiny_lm):

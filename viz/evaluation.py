@@ -95,3 +95,23 @@ def plot_layer_sweep(sweep, keys: Sequence[str] = ("es", "ps", "ns")):
         ax.set_xlabel("layer")
     fig.tight_layout()
     return fig
+
+
+def plot_tracing_vs_editing(sweep, outcome: str = "rewrite_score", ax=None):
+    """One point per (case, layer): the case's tracing effect at that layer against its edit success
+    there, coloured by layer (Hase et al.'s case-level view). Needs a sweep run with ``aie="cases"``."""
+    if not getattr(sweep, "points", None) or outcome not in sweep.points:
+        raise ValueError(f"the sweep has no case-level points for {outcome!r}: run layer_sweep with aie='cases'")
+    pts = np.asarray(sweep.points[outcome], dtype=float)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.6))
+    sc = ax.scatter(pts[:, 1], pts[:, 2], c=pts[:, 0], cmap="viridis", s=10, alpha=0.7)
+    fig.colorbar(sc, ax=ax, label="edited layer")
+    r = sweep.regression.get(outcome, {})
+    ax.set_xlabel("tracing effect at the edited layer (MLP IE, last subject token)")
+    ax.set_ylabel({"rewrite_score": "rewrite score", "em": "efficacy magnitude", "pm": "paraphrase magnitude",
+                   "nm": "neighborhood magnitude"}.get(outcome, outcome))
+    if r:
+        ax.set_title(f"R² layer {r['r2_layer']:.2f}, tracing {r['r2_trace']:.2f}, both {r['r2_both']:.2f} "
+                     f"(added {r['delta_r2']:+.3f})", fontsize=9)
+    fig.tight_layout()
+    return fig
