@@ -9,7 +9,8 @@ Sections (each resumable: re-running with the same arguments continues where it 
   2b. MQuAKE, single mode: the first --n-mquake cases of --mquake-file; all rewrites of a case are
       applied (ROME one after another, MEMIT in one batch), then the multi-hop questions are asked.
   3. Sequential ROME on CounterFact: the curve at checkpoints up to --n-seq edits.
-  4. Layer sweep on the first --n-sweep CounterFact cases, with the MLP AIE correlation.
+  4. Layer sweep on the first --n-sweep CounterFact cases (with --sweep-known: the first ones the
+     model knows), with the MLP AIE correlation across layers and the case-level regression.
   5. MEMIT batch sizes (--batch-sizes) on CounterFact, when MEMIT is installed.
 Methods that are not installed are skipped and listed. Everything printed is also written to
 OUT/report.md; figures go to OUT/*.png.
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-sweep", type=int, default=50)
     ap.add_argument("--sweep-layers", default=None, help="comma-separated (default: every layer)")
     ap.add_argument("--sweep-method", default="rome")
+    ap.add_argument("--sweep-known", action="store_true",
+                    help="sweep the first --n-sweep dev cases the model knows (top-1 = true target), into sweep_known/")
     ap.add_argument("--sweep-aie", choices=("cases", "calibration", "none"), default="cases",
                     help="AIE for the sweep: trace the swept cases (default), the calibration facts, or none")
     ap.add_argument("--batch-sizes", default="1,10,50")
@@ -166,7 +169,14 @@ def main(argv=None) -> int:
         viz.plot_sequential(res).savefig(out / "sequential_rome.png", dpi=120)
 
     if "sweep" in sections and args.sweep_method in available:
-        cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_sweep)
+        cf_file = data / "counterfact/counterfact_dev_800.json"
+        if args.sweep_known:  # the first --n-sweep cases the model knows (causal tracing's correctness filter)
+            from edit.sweep import known_cases
+
+            cases = known_cases(edit.load_counterfact(cf_file), lm, n=args.n_sweep)
+        else:
+            cases = edit.load_counterfact(cf_file, args.n_sweep)
+        sweep_name = "sweep_known" if args.sweep_known else "sweep"
         layers = None if not args.sweep_layers else [int(x) for x in args.sweep_layers.split(",")]
         if args.sweep_method in ("rome", "memit"):  # one pass over the corpus for every layer's statistics
             from edit.stats import key_second_moments
@@ -174,13 +184,14 @@ def main(argv=None) -> int:
             key_second_moments(lm, layers if layers is not None else list(range(lm.n_layers)), corpus=corpus)
         t = time.perf_counter()
         sw_hp = {k: v for k, v in hp(args.sweep_method).items() if k not in ("layer", "layers")}
-        sw = layer_sweep(cases, method=args.sweep_method, model=lm, layers=layers, hparams=sw_hp, out=out / "sweep",
+        sw = layer_sweep(cases, method=args.sweep_method, model=lm, layers=layers, hparams=sw_hp, out=out / sweep_name,
                          aie=None if args.sweep_aie == "none" else args.sweep_aie)
-        say(f"\n## Layer sweep, {args.sweep_method}, {len(cases)} CounterFact cases ({time.perf_counter() - t:.0f} s)")
+        which = "CounterFact cases the model knows" if args.sweep_known else "CounterFact cases"
+        say(f"\n## Layer sweep, {args.sweep_method}, {len(cases)} {which} ({time.perf_counter() - t:.0f} s)")
         say("```\n" + sw.table() + "\n```")
-        viz.plot_layer_sweep(sw).savefig(out / "layer_sweep.png", dpi=120)
+        viz.plot_layer_sweep(sw).savefig(out / f"{sweep_name}.png", dpi=120)
         if sw.points:
-            viz.plot_tracing_vs_editing(sw).savefig(out / "layer_sweep_cases.png", dpi=120)
+            viz.plot_tracing_vs_editing(sw).savefig(out / f"{sweep_name}_cases.png", dpi=120)
 
     if "batch" in sections and "memit" in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_batch)

@@ -19,7 +19,10 @@ of the true target (restoring a window of MLP layers around l, as in causal trac
     (3) y_{c,l} = α_l + β_1 TE_{c,l} + ε   R²_both    layer and tracing effect
 
 and ΔR² = R²_both − R²_layer is what the tracing effect adds once the layer is known. Hase et al.
-find it near zero for ROME on GPT-J. The outcomes y are the rewrite score
+find it near zero for ROME on GPT-J. As they (and ROME's causal tracing) do, the profile and the
+regression use only the cases the model knows: its top-1 token on the rewrite prompt is the true
+target's first token. For a fact the model does not know, P(true) is near zero with or without
+noise and the tracing effect measures nothing. :func:`known_cases` selects such cases up front. The outcomes y are the rewrite score
 (p_after(new) − p_before(new)) / (1 − p_before(new)) on the rewrite prompt, and the efficacy,
 paraphrase and neighborhood magnitudes of each case's record.
 """
@@ -99,7 +102,7 @@ class LayerSweep:
             lines.append(f"corr(AIE, {k.upper()}): Pearson {c['pearson']:+.2f}, Spearman {c['spearman']:+.2f}")
         lines.append(f"AIE: {self.aie_source}")
         if self.regression:
-            lines.append("case level, over (case, layer) pairs: R² of edit success on")
+            lines.append("case level, over (case, layer) pairs of the known cases: R² of edit success on")
             lines.append("outcome         layer  tracing   both   added by tracing  corr(TE, y)")
             for k, r in self.regression.items():
                 lines.append(f"{k:<14} {r['r2_layer']:6.3f}  {r['r2_trace']:6.3f}  {r['r2_both']:6.3f}  "
@@ -108,6 +111,33 @@ class LayerSweep:
 
 
 # --------------------------------------------------------------------------- tracing the swept cases
+def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batch_size: int = 32) -> list[Case]:
+    """The cases whose rewrite prompt the unedited model completes with the true target's first token
+    (the correctness filter of causal tracing), in order; the first ``n`` of them if given."""
+    lm = resolve_model(model)
+    keep: list[Case] = []
+    for s in range(0, len(cases), batch_size):
+        batch = [c for c in cases[s:s + batch_size] if c.request.target_true]
+        if not batch:
+            continue
+        top1 = lm.last_logits([c.request.rendered for c in batch]).argmax(-1).tolist()
+        keep += [c for c, t in zip(batch, top1) if t == lm.target_ids(c.request.target_true, c.request.rendered)[0]]
+        if n is not None and len(keep) >= n:
+            return keep[:n]
+    return keep
+
+
+def analysed_cases(tracing: CaseTracing) -> tuple[list[int], str]:
+    """Indices of the traced cases the profile and regression use: the known ones, or all of them
+    (with a warning) when the model knows none."""
+    known = [i for i, k in enumerate(tracing.known) if k]
+    if known:
+        return known, f"the {len(known)} of {len(tracing.known)} swept cases the model knows"
+    warnings.warn("the model knows none of the swept cases (top-1 != true target); the tracing effects "
+                  "use all of them and are close to zero. Select cases with edit.sweep.known_cases.", stacklevel=2)
+    return list(range(len(tracing.known))), f"all {len(tracing.known)} swept cases (the model knows none)"
+
+
 def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: int = 10, seed: int = 0,
                 out: str | Path | None = None, progress: bool = True) -> CaseTracing:
     """Trace each case's rewrite prompt on the (unedited) model: MLP indirect effects at the last
@@ -183,11 +213,13 @@ def _outcomes(record: dict, p_before: float) -> dict[str, float]:
     return y
 
 
-def case_points(layers: Sequence[int], records_by_layer: Sequence[Sequence[dict]],
-                tracing: CaseTracing) -> dict[str, list[list[float]]]:
-    """Pair every (case, layer) record with the case's tracing effect at that layer:
+def case_points(layers: Sequence[int], records_by_layer: Sequence[Sequence[dict]], tracing: CaseTracing,
+                used: Sequence[int] | None = None) -> dict[str, list[list[float]]]:
+    """Pair every (case, layer) record of the analysed cases (:func:`analysed_cases`) with the case's
+    tracing effect at that layer:
     ``{outcome: [[layer, TE_{c,l}, y_{c,l}], ...]}`` for each outcome in ``REGRESSION_OUTCOMES``."""
-    index = {cid: i for i, cid in enumerate(tracing.case_ids)}
+    used = analysed_cases(tracing)[0] if used is None else used
+    index = {tracing.case_ids[i]: i for i in used}
     points: dict[str, list[list[float]]] = {k: [] for k in REGRESSION_OUTCOMES}
     for l, records in zip(layers, records_by_layer):
         for rec in records:
@@ -205,15 +237,14 @@ def case_regression(points: dict[str, list[list[float]]]) -> dict[str, dict[str,
 
 
 # --------------------------------------------------------------------------- the sweep
-def _aie_profile(lm, aie, cases, tracing: CaseTracing | None) -> tuple[list[float] | None, str]:
+def _aie_profile(lm, aie, tracing: CaseTracing | None, analysed) -> tuple[list[float] | None, str]:
     if aie is None:
         return None, "not computed (aie=None)"
     if isinstance(aie, str) and aie == "cases":
-        known = sum(tracing.known)
-        return (np.asarray(tracing.ie).mean(0).tolist(),
-                f"MLP IE at the last subject token, mean over the {len(cases)} swept cases ({known} of them known "
-                f"to the model), traced on the true target's first token; samples={tracing.samples}, "
-                f"window={tracing.window}")
+        used, which = analysed
+        return (np.asarray(tracing.ie)[used].mean(0).tolist(),
+                f"MLP IE at the last subject token on the true target's first token, mean over {which}; "
+                f"samples={tracing.samples}, window={tracing.window}")
     if isinstance(aie, str) and aie == "calibration":
         from locate import layer_profile
 
@@ -261,14 +292,15 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
         for k in SWEEP_METRICS:
             metrics[k].append(float(res.aggregates.get(k, float("nan"))))
     metrics = {k: v for k, v in metrics.items() if not all(np.isnan(v))}
-    profile, source = _aie_profile(lm, aie, cases, tracing)
+    analysed = analysed_cases(tracing) if tracing is not None else None
+    profile, source = _aie_profile(lm, aie, tracing, analysed)
     corr = {}
     if profile is not None:
         a = [profile[l] for l in layers]
         for k in ("es", "ps", "ns", "score"):
             if k in metrics:
                 corr[k] = {"pearson": pearson(a, metrics[k]), "spearman": spearman(a, metrics[k])}
-    points = case_points(layers, records_by_layer, tracing) if tracing is not None else {}
+    points = case_points(layers, records_by_layer, tracing, analysed[0]) if tracing is not None else {}
     sweep = LayerSweep(method, layers, metrics, profile, source, corr, len(cases), lm.name, dict(hparams or {}),
                        case_tracing=None if tracing is None else asdict(tracing), regression=case_regression(points),
                        points=points)

@@ -247,7 +247,8 @@ def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monke
     from edit.sweep import LayerSweep, layer_sweep
 
     cases = _cases()[:2]
-    sw = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
+    with pytest.warns(UserWarning, match="knows none of the swept cases"):  # a random model knows nothing
+        sw = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
     tr = sw.case_tracing
     assert tr["case_ids"] == ["0", "1"] and np.asarray(tr["ie"]).shape == (2, tiny_lm.n_layers)
     # the traced token is the true target's first token, and the profile is the mean over the cases
@@ -287,6 +288,34 @@ def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monke
     with pytest.warns(UserWarning, match="case tracing file"):
         redone = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
     assert np.allclose(redone.case_tracing["ie"], tr["ie"], rtol=1e-5, atol=1e-12)
+
+
+def test_the_case_analysis_keeps_only_known_cases():
+    from edit.sweep import CaseTracing, analysed_cases, case_points
+
+    tr = CaseTracing(["a", "b", "c"], [[0.0, 1.0], [0.5, 0.2], [0.1, 0.9]], [" x"] * 3, [0.5] * 3, [0.1] * 3,
+                     [False, True, True], [0.0] * 3, 3, 10, 0)
+    assert analysed_cases(tr)[0] == [1, 2]
+    records = [[{"case_id": c, "em": 0.3, "p_new": 0.5} for c in "abc"]]
+    pts = case_points([1], records, tr)
+    assert pts["em"] == [[1, 0.2, 0.3], [1, 0.9, 0.3]] and pts["rewrite_score"][0][2] == pytest.approx(0.5)
+    tr.known = [False] * 3
+    with pytest.warns(UserWarning, match="knows none"):
+        assert analysed_cases(tr)[0] == [0, 1, 2]
+
+
+def test_known_cases_is_the_correctness_filter(lm, shared_data):
+    from edit.sweep import known_cases
+
+    cases = edit.load_counterfact(shared_data / "counterfact/counterfact_dev_800.json", 60)
+    known = known_cases(cases, lm)
+    assert 0 < len(known) < len(cases)
+    ids = {c.case_id for c in known}
+    for c in cases:
+        r = c.request
+        top1 = int(lm.last_logits([r.rendered])[0].argmax())
+        assert (top1 == lm.target_ids(r.target_true, r.rendered)[0]) == (c.case_id in ids)
+    assert [c.case_id for c in known_cases(cases, lm, n=1)] == [known[0].case_id]
 
 
 def test_layer_sweep_rejects_an_unknown_aie_before_editing(tiny_lm):
