@@ -22,9 +22,9 @@ and ΔR² = R²_both − R²_layer is what the tracing effect adds once the laye
 find it near zero for ROME on GPT-J. As they (and ROME's causal tracing) do, the profile and the
 regression use only the cases the model knows: its top-1 token on the rewrite prompt is the true
 target's first token. For a fact the model does not know, P(true) is near zero with or without
-noise and the tracing effect measures nothing. :func:`known_cases` selects such cases up front. The outcomes y are the rewrite score
-(p_after(new) − p_before(new)) / (1 − p_before(new)) on the rewrite prompt, and the efficacy,
-paraphrase and neighborhood magnitudes of each case's record.
+noise and the tracing effect measures nothing. :func:`known_cases` selects such cases up front.
+The outcomes y are the rewrite score (p_after(new) − p_before(new)) / (1 − p_before(new)) on the
+rewrite prompt, and the efficacy, paraphrase and neighborhood magnitudes of each case's record.
 """
 
 from __future__ import annotations
@@ -114,14 +114,16 @@ class LayerSweep:
 def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batch_size: int = 32) -> list[Case]:
     """The cases whose rewrite prompt the unedited model completes with the true target's first token
     (the correctness filter of causal tracing), in order; the first ``n`` of them if given."""
+    from locate.causal_trace import _is_known
+
     lm = resolve_model(model)
     keep: list[Case] = []
     for s in range(0, len(cases), batch_size):
         batch = [c for c in cases[s:s + batch_size] if c.request.target_true]
         if not batch:
             continue
-        top1 = lm.last_logits([c.request.rendered for c in batch]).argmax(-1).tolist()
-        keep += [c for c, t in zip(batch, top1) if t == lm.target_ids(c.request.target_true, c.request.rendered)[0]]
+        logits = lm.last_logits([c.request.rendered for c in batch])
+        keep += [c for c, lg in zip(batch, logits) if _is_known(lm, c.request.rendered, c.request.target_true, lg)]
         if n is not None and len(keep) >= n:
             return keep[:n]
     return keep
@@ -155,6 +157,7 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
                 return CaseTracing(**stored["tracing"])
         except (ValueError, KeyError, TypeError) as e:  # unreadable or from an older format: trace again
             warnings.warn(f"case tracing file {out} is unreadable ({e}); tracing again", stacklevel=2)
+    known = {id(c) for c in known_cases(cases, lm)}
     rows = {k: [] for k in ("ie", "answers", "p_clean", "p_corrupted", "known")}
     for c in tqdm(cases, desc="tracing the swept cases", disable=not progress):
         r = c.request
@@ -166,8 +169,7 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
         rows["answers"].append(tr.answer)
         rows["p_clean"].append(tr.p_clean)
         rows["p_corrupted"].append(tr.p_corrupted)
-        top1 = int(lm.last_logits([prompt])[0].argmax())
-        rows["known"].append(target is None or top1 == target)
+        rows["known"].append(target is None or id(c) in known)  # without a true target the top-1 is traced
     before = teacher_forced(lm, [c.request.rendered for c in cases], [c.request.target_new for c in cases])
     result = CaseTracing(case_ids=settings["cases"], p_new_before=[prob(t) for t in before], samples=samples,
                          window=window, seed=seed, **rows)
@@ -250,8 +252,6 @@ def _aie_profile(lm, aie, tracing: CaseTracing | None, analysed) -> tuple[list[f
 
         prof = layer_profile(lm)
         return [float(x) for x in prof.aie], f"locate.layer_profile: {prof.reason()} ({prof.source})"
-    if isinstance(aie, str):
-        raise ValueError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
     vals = getattr(aie, "aie", aie)
     return [float(x) for x in np.asarray(vals, dtype=float).reshape(-1)], "given"
 
