@@ -25,6 +25,13 @@ target's first token. For a fact the model does not know, P(true) is near zero w
 noise and the tracing effect measures nothing. :func:`known_cases` selects such cases up front.
 The outcomes y are the rewrite score (p_after(new) − p_before(new)) / (1 − p_before(new)) on the
 rewrite prompt, and the efficacy, paraphrase and neighborhood magnitudes of each case's record.
+
+**Uncertainty.** Both answers come with case-bootstrap percentile intervals (:func:`case_bootstrap`):
+the case is the resampling unit, so each draw keeps all layers of a case (and its tracing effects)
+together. A draw recomputes the per-layer means, S, the profile (when it comes from the cases) and
+the correlations from the swept cases, and regressions (1)-(3) from the analysed cases. The
+intervals cover which cases were drawn, not the dependence between neighbouring layers, and a
+packaged calibration profile is held fixed.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from locate._io import read_json, write_json
 from locate import resolve_model
 
 from .datasets import Case
-from .metrics import pearson, prob, spearman, teacher_forced
+from .metrics import harmonic_mean, pearson, prob, spearman, teacher_forced
 
 SWEEP_METRICS = ("es", "ps", "ns", "score", "em", "pm", "nm", "rewrite_acc", "paraphrase_acc", "locality")
 REGRESSION_OUTCOMES = ("rewrite_score", "em", "pm", "nm")
@@ -82,6 +89,7 @@ class LayerSweep:
     case_tracing: dict | None = None  # asdict(CaseTracing)
     regression: dict[str, dict[str, float]] = field(default_factory=dict)  # outcome -> R² values
     points: dict[str, list[list[float]]] = field(default_factory=dict)  # outcome -> [layer, TE, y] rows
+    intervals: dict = field(default_factory=dict)  # case-bootstrap percentile intervals (case_bootstrap)
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, asdict(self))
@@ -98,15 +106,27 @@ class LayerSweep:
             if self.aie:
                 row += f"  {self.aie[l]:6.3f}"
             lines.append(row)
+        ci = self.intervals.get("correlations", {})
         for k, c in self.correlations.items():
-            lines.append(f"corr(AIE, {k.upper()}): Pearson {c['pearson']:+.2f}, Spearman {c['spearman']:+.2f}")
+            line = f"corr(AIE, {k.upper()}): Pearson {c['pearson']:+.2f}, Spearman {c['spearman']:+.2f}"
+            if k in ci:
+                line += f"   {_pct(self.intervals)} CI: Pearson {_fmt_ci(ci[k]['pearson'])}, Spearman {_fmt_ci(ci[k]['spearman'])}"
+            lines.append(line)
         lines.append(f"AIE: {self.aie_source}")
         if self.regression:
+            rci = self.intervals.get("regression", {})
             lines.append("case level, over (case, layer) pairs of the known cases: R² of edit success on")
-            lines.append("outcome         layer  tracing   both   added by tracing  corr(TE, y)")
+            lines.append("outcome         layer  tracing   both   added by tracing  corr(TE, y)"
+                         + (f"   {_pct(self.intervals)} CI of added" if rci else ""))
             for k, r in self.regression.items():
                 lines.append(f"{k:<14} {r['r2_layer']:6.3f}  {r['r2_trace']:6.3f}  {r['r2_both']:6.3f}  "
-                             f"{r['delta_r2']:+16.3f}  {r['pearson']:+10.2f}   (n={r['n']})")
+                             f"{r['delta_r2']:+16.3f}  {r['pearson']:+10.2f}   (n={r['n']})"
+                             + (f"   {_fmt_ci(rci[k]['delta_r2'], '.3f')}" if k in rci else ""))
+        if self.intervals:
+            iv = self.intervals
+            lines.append(f"intervals: {_pct(iv)} percentile, {iv['n_boot']} case-bootstrap draws (seed {iv['seed']})"
+                         + (f"; the profile redrawn with the cases, {iv['valid']} draws held an analysed case"
+                            if iv.get("profile_redrawn") else ""))
         return "\n".join(lines)
 
 
@@ -238,6 +258,107 @@ def case_regression(points: dict[str, list[list[float]]]) -> dict[str, dict[str,
     return {k: localization_regression(*zip(*p)) for k, p in points.items()}
 
 
+# --------------------------------------------------------------------------- case bootstrap
+def _pct(intervals: dict) -> str:
+    return f"{100 * intervals.get('level', 0.95):g}%"
+
+
+def _fmt_ci(ci: Sequence[float], spec: str = "+.2f") -> str:
+    return f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _percentile_ci(draws: np.ndarray, level: float) -> list[float]:
+    """The (1-level)/2 and (1+level)/2 percentiles of the finite draws (NaN when there are none)."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def _by_case(case_ids: Sequence[str], records_by_layer: Sequence[Sequence[dict]], key: str) -> np.ndarray:
+    """``M[c, j]``: case c's value of ``key`` at the j-th swept layer (NaN where a record lacks it)."""
+    index = {cid: i for i, cid in enumerate(case_ids)}
+    M = np.full((len(case_ids), len(records_by_layer)), np.nan)
+    for j, records in enumerate(records_by_layer):
+        for rec in records:
+            v = rec.get(key)
+            if str(rec["case_id"]) in index and v is not None:
+                M[index[str(rec["case_id"])], j] = float(v)
+    return M
+
+
+def case_bootstrap(layers: Sequence[int], records_by_layer: Sequence[Sequence[dict]], case_ids: Sequence[str], *,
+                   profile: Sequence[float] | None, tracing: CaseTracing | None = None,
+                   analysed: Sequence[int] | None = None, profile_from_cases: bool = False, n_boot: int = 1000,
+                   level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile intervals for the sweep's numbers, resampling cases with replacement ``n_boot`` times.
+
+    Layer level: each draw b picks n of the n swept cases, and recomputes ES_l, PS_l, NS_l (means over
+    the drawn cases), S_l = HarmonicMean(ES_l, PS_l, NS_l) and r(AIE_l, metric_l). With
+    ``profile_from_cases`` the profile is redrawn too, as the mean tracing effect of the drawn cases
+    that are analysed (a draw with none of them gives no correlation and is not counted in ``valid``).
+    Case level: each draw picks as many of the analysed cases, with all their (case, layer) pairs,
+    and refits regressions (1)-(3)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    case_ids = [str(c) for c in case_ids]
+    n = len(case_ids)
+    M = {k: _by_case(case_ids, records_by_layer, k) for k in ("es", "ps", "ns")}
+    ie = None if tracing is None else np.asarray(tracing.ie, dtype=np.float64)[:, list(layers)]
+    is_analysed = np.zeros(n, dtype=bool)
+    if analysed is not None:
+        is_analysed[list(analysed)] = True
+    fixed = None if profile is None else np.asarray([profile[l] for l in layers], dtype=np.float64)
+
+    metric_draws = {k: np.full((n_boot, len(layers)), np.nan) for k in ("es", "ps", "ns", "score")}
+    corr_draws = {k: np.full((n_boot, 2), np.nan) for k in ("es", "ps", "ns", "score")}
+    valid = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a layer no drawn case has
+        for b in range(n_boot):
+            draw = rng.integers(0, n, size=n)
+            means = {k: np.nanmean(M[k][draw], axis=0) for k in ("es", "ps", "ns")}
+            means["score"] = np.asarray([harmonic_mean(v) for v in zip(means["es"], means["ps"], means["ns"])])
+            for k, v in means.items():
+                metric_draws[k][b] = v
+            a = fixed
+            if profile_from_cases and ie is not None:
+                used = draw[is_analysed[draw]]
+                a = ie[used].mean(0) if used.size else None
+            if a is None:
+                continue
+            valid += 1
+            for k, v in means.items():
+                corr_draws[k][b] = (pearson(a, v), spearman(a, v))
+    out = {"level": level, "n_boot": n_boot, "seed": seed, "unit": "case", "valid": valid,
+           "profile_redrawn": bool(profile_from_cases and ie is not None),
+           "metrics": {k: [_percentile_ci(d[:, j], level) for j in range(len(layers))] for k, d in metric_draws.items()},
+           "correlations": {} if fixed is None and not profile_from_cases else
+           {k: {"pearson": _percentile_ci(d[:, 0], level), "spearman": _percentile_ci(d[:, 1], level)}
+            for k, d in corr_draws.items()},
+           "regression": {}}
+    if tracing is None or analysed is None or not len(analysed):
+        return out
+    # case level: per analysed case, its (layer, TE, y) rows for every outcome
+    blocks = [case_points(layers, records_by_layer, tracing, [i]) for i in analysed]
+    for k in REGRESSION_OUTCOMES:
+        rows = [np.asarray(bl.get(k, []), dtype=np.float64).reshape(-1, 3) for bl in blocks]
+        if not any(len(r) for r in rows):
+            continue
+        draws = {q: np.full(n_boot, np.nan) for q in ("r2_layer", "r2_trace", "r2_both", "delta_r2")}
+        for b in range(n_boot):
+            pts = np.concatenate([rows[i] for i in rng.integers(0, len(rows), size=len(rows))])
+            if len(pts):
+                fit = localization_regression(pts[:, 0].astype(int), pts[:, 1], pts[:, 2])
+                for q in draws:
+                    draws[q][b] = fit[q]
+        out["regression"][k] = {q: _percentile_ci(d, level) for q, d in draws.items()}
+    return out
+
+
 # --------------------------------------------------------------------------- the sweep
 def _aie_profile(lm, aie, tracing: CaseTracing | None, analysed) -> tuple[list[float] | None, str]:
     if aie is None:
@@ -263,7 +384,8 @@ def layer_hparams(method: str, layer: int) -> dict:
 
 def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence[int] | None = None, model=None,
                 aie="cases", hparams: dict | None = None, out: str | Path | None = None, fluency: bool = False,
-                trace_samples: int = 3, trace_window: int = 10, progress: bool = True) -> LayerSweep:
+                trace_samples: int = 3, trace_window: int = 10, bootstrap: int = 1000, level: float = 0.95,
+                seed: int = 0, progress: bool = True) -> LayerSweep:
     """Edit ``cases`` with ``method`` at each of ``layers`` (default: all) and relate the metrics to
     causal tracing.
 
@@ -272,6 +394,7 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
     uses :func:`locate.layer_profile` (the packaged known facts); an array or ``LayerProfile`` is used
     as given; ``None`` skips tracing. With ``out``, each layer's run is stored (and resumed) under
     ``out/layer_XX/``, the case tracing in ``out/case_tracing.json`` and the sweep in ``out/sweep.json``.
+    ``bootstrap`` case-bootstrap draws (0: none) give ``level`` percentile intervals (:func:`case_bootstrap`).
     """
     from .evaluate import evaluate
 
@@ -279,6 +402,8 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     if isinstance(aie, str) and aie not in ("cases", "calibration"):
         raise ValueError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
+    if bootstrap < 0 or not 0 < level < 1:
+        raise ValueError(f"bootstrap must be >= 0 draws and level in (0, 1), got {bootstrap} and {level}")
     tracing = None
     if isinstance(aie, str) and aie == "cases":  # before editing: the unedited model is traced
         tracing = trace_cases(cases, lm, samples=trace_samples, window=trace_window,
@@ -301,9 +426,15 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
             if k in metrics:
                 corr[k] = {"pearson": pearson(a, metrics[k]), "spearman": spearman(a, metrics[k])}
     points = case_points(layers, records_by_layer, tracing, analysed[0]) if tracing is not None else {}
+    intervals = {}
+    if bootstrap:
+        intervals = case_bootstrap(layers, records_by_layer, [c.case_id for c in cases], profile=profile,
+                                   tracing=tracing, analysed=None if analysed is None else analysed[0],
+                                   profile_from_cases=isinstance(aie, str) and aie == "cases", n_boot=bootstrap,
+                                   level=level, seed=seed)
     sweep = LayerSweep(method, layers, metrics, profile, source, corr, len(cases), lm.name, dict(hparams or {}),
                        case_tracing=None if tracing is None else asdict(tracing), regression=case_regression(points),
-                       points=points)
+                       points=points, intervals=intervals)
     if out is not None:
         sweep.save(Path(out) / "sweep.json")
     return sweep

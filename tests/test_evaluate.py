@@ -264,6 +264,14 @@ def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monke
     assert "added by tracing" in sw.table()
     assert LayerSweep.load(tmp_path / "sweep.json").case_tracing == tr
     assert len(sw.points["rewrite_score"]) == 4 and sw.regression["em"]["n"] == 4
+    iv = sw.intervals  # case-bootstrap intervals, the profile redrawn with the cases
+    assert iv["n_boot"] == 1000 and iv["profile_redrawn"] and iv["valid"] == 1000
+    assert set(iv["correlations"]) == {"es", "ps", "ns", "score"} and set(iv["regression"]) == set(sw.regression)
+    for k, v in sw.metrics.items():
+        if k in iv["metrics"]:
+            assert all(lo - 1e-12 <= x <= hi + 1e-12 for x, (lo, hi) in zip(v, iv["metrics"][k]))
+    assert "95% CI of added" in sw.table() and "case-bootstrap draws" in sw.table()
+    assert json.dumps(LayerSweep.load(tmp_path / "sweep.json").intervals) == json.dumps(iv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,7 +333,70 @@ def test_layer_sweep_rejects_an_unknown_aie_before_editing(tiny_lm):
     CALLS.clear()
     with pytest.raises(ValueError, match="aie must be"):
         layer_sweep(_cases()[:1], method="bump", model=tiny_lm, aie="everywhere", progress=False)
+    with pytest.raises(ValueError, match="bootstrap must be"):
+        layer_sweep(_cases()[:1], method="bump", model=tiny_lm, aie=[0.1, 0.3], level=1.5, progress=False)
     assert CALLS == [] and _same(tiny_lm, ws)
+
+
+def _synthetic_sweep(n_cases: int = 24, seed: int = 0):
+    """Records at layers 0-2 where ES equals the profile for every case, PS is noisy, and the rewrite
+    score is y = 0.2 l + 0.1 TE exactly (so regression (3) fits it perfectly), with a tracing of them."""
+    import numpy as np
+    from edit.sweep import CaseTracing
+
+    rng = np.random.default_rng(seed)
+    layers, profile = [0, 1, 2], [0.1, 0.5, 0.9]
+    ie = rng.random((n_cases, 3))
+    ids = [f"c{i}" for i in range(n_cases)]
+    records = [[{"case_id": cid, "es": profile[l], "ps": float(rng.random() < 0.3 + 0.3 * l), "ns": 0.5 + 0.1 * l,
+                 "em": 0.2 * l, "pm": 0.1, "nm": 0.0, "p_new": 0.2 * l + 0.1 * ie[c, l]} for c, cid in enumerate(ids)]
+               for l in layers]
+    tracing = CaseTracing(ids, ie.tolist(), [" x"] * n_cases, [0.5] * n_cases, [0.1] * n_cases, [True] * n_cases,
+                          [0.0] * n_cases, 3, 10, 0)
+    return layers, records, ids, profile, tracing
+
+
+def test_case_bootstrap_intervals_on_known_structure():
+    """Case-bootstrap intervals where the answer is known: exact relations give point intervals."""
+    from edit.sweep import case_bootstrap, case_points, case_regression
+
+    layers, records, ids, profile, tracing = _synthetic_sweep()
+    iv = case_bootstrap(layers, records, ids, profile=profile, tracing=tracing, analysed=list(range(len(ids))),
+                        n_boot=300, seed=1)
+    # ES is the profile for every case: every draw's per-layer means equal it, so r = rho = 1 exactly
+    assert iv["metrics"]["es"] == [[pytest.approx(p), pytest.approx(p)] for p in profile]
+    assert iv["correlations"]["es"]["pearson"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    # PS varies between cases: a real interval around each per-layer mean
+    for j, (lo, hi) in enumerate(iv["metrics"]["ps"]):
+        mean = sum(r["ps"] for r in records[j]) / len(records[j])
+        assert lo <= mean <= hi and hi - lo > 0.05
+    # the rewrite score is alpha_l + 0.1 TE: regression (3) is exact in every draw and TE adds a positive R²
+    point = case_regression(case_points(layers, records, tracing))["rewrite_score"]
+    reg = iv["regression"]["rewrite_score"]
+    assert reg["r2_both"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert 0 < reg["delta_r2"][0] <= point["delta_r2"] <= reg["delta_r2"][1]
+    # EM depends on the layer alone: the tracing effect adds exactly nothing in any draw
+    assert iv["regression"]["em"]["delta_r2"] == [pytest.approx(0.0, abs=1e-9)] * 2
+    # reproducible for a seed, different for another; a wider level gives a wider interval
+    again = case_bootstrap(layers, records, ids, profile=profile, tracing=tracing, analysed=list(range(len(ids))),
+                           n_boot=300, seed=1)
+    assert json.dumps(again) == json.dumps(iv)  # NaN-safe equality (NM is constant: its R² are NaN)
+    other = case_bootstrap(layers, records, ids, profile=profile, n_boot=300, seed=2, level=0.5)
+    assert other["regression"] == {} and other["metrics"]["ps"] != iv["metrics"]["ps"]
+    assert all(o[1] - o[0] <= w[1] - w[0] for o, w in zip(other["metrics"]["ps"], iv["metrics"]["ps"]))
+    with pytest.raises(ValueError, match="level"):
+        case_bootstrap(layers, records, ids, profile=profile, level=0.0)
+    # the sweep plot draws each metric's interval as a band
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import viz
+    from edit.sweep import LayerSweep
+
+    sw = LayerSweep("rome", layers, {k: [sum(r[k] for r in rs) / len(rs) for rs in records] for k in ("es", "ps", "ns")},
+                    profile, "given", {}, len(ids), "synthetic", intervals=iv)
+    ax = viz.plot_layer_sweep(sw).axes[0]
+    assert len(ax.collections) == 3 and "bootstrap CI" in ax.get_ylabel()
 
 
 def test_plots_draw(tiny_lm):

@@ -78,9 +78,13 @@ def plot_layer_sweep(sweep, keys: Sequence[str] = ("es", "ps", "ns")):
     has_aie = sweep.aie is not None
     fig, axes = plt.subplots(2 if has_aie else 1, 1, figsize=(6, 5 if has_aie else 3), sharex=True, squeeze=False)
     ax = axes[0, 0]
+    bands = (getattr(sweep, "intervals", None) or {}).get("metrics", {})
     for k in [k for k in keys if k in sweep.metrics]:
-        ax.plot(sweep.layers, [100 * v for v in sweep.metrics[k]], marker="o", ms=3, label=LABELS.get(k, k))
-    ax.set_ylabel("%")
+        line, = ax.plot(sweep.layers, [100 * v for v in sweep.metrics[k]], marker="o", ms=3, label=LABELS.get(k, k))
+        if k in bands:  # case-bootstrap percentile interval of the per-layer mean
+            lo, hi = (100 * np.asarray(b, dtype=float) for b in zip(*bands[k]))
+            ax.fill_between(sweep.layers, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_ylabel("%" + (f" (bands: {100 * sweep.intervals['level']:g}% bootstrap CI)" if bands else ""))
     ax.set_title(f"{sweep.method} at each layer, {sweep.n_cases} cases")
     ax.legend(fontsize=8)
     if has_aie:
