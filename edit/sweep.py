@@ -312,6 +312,7 @@ def case_bootstrap(layers: Sequence[int], records_by_layer: Sequence[Sequence[di
     if analysed is not None:
         is_analysed[list(analysed)] = True
     fixed = None if profile is None else np.asarray([profile[l] for l in layers], dtype=np.float64)
+    redrawn = profile_from_cases and ie is not None
 
     metric_draws = {k: np.full((n_boot, len(layers)), np.nan) for k in ("es", "ps", "ns", "score")}
     corr_draws = {k: np.full((n_boot, 2), np.nan) for k in ("es", "ps", "ns", "score")}
@@ -325,7 +326,7 @@ def case_bootstrap(layers: Sequence[int], records_by_layer: Sequence[Sequence[di
             for k, v in means.items():
                 metric_draws[k][b] = v
             a = fixed
-            if profile_from_cases and ie is not None:
+            if redrawn:
                 used = draw[is_analysed[draw]]
                 a = ie[used].mean(0) if used.size else None
             if a is None:
@@ -334,9 +335,9 @@ def case_bootstrap(layers: Sequence[int], records_by_layer: Sequence[Sequence[di
             for k, v in means.items():
                 corr_draws[k][b] = (pearson(a, v), spearman(a, v))
     out = {"level": level, "n_boot": n_boot, "seed": seed, "unit": "case", "valid": valid,
-           "profile_redrawn": bool(profile_from_cases and ie is not None),
+           "profile_redrawn": bool(redrawn),
            "metrics": {k: [_percentile_ci(d[:, j], level) for j in range(len(layers))] for k, d in metric_draws.items()},
-           "correlations": {} if fixed is None and not profile_from_cases else
+           "correlations": {} if fixed is None and not redrawn else
            {k: {"pearson": _percentile_ci(d[:, 0], level), "spearman": _percentile_ci(d[:, 1], level)}
             for k, d in corr_draws.items()},
            "regression": {}}
