@@ -1,26 +1,41 @@
-"""edit: change a fact where `locate` found it (ROME, MEMIT, knowledge-neuron edits) and evaluate it."""
+"""edit: change a fact where `locate` found it, by any registered editing method, and evaluate it.
 
-from .edit import Edit, EditStateError, WeightDelta, applied  # noqa: F401
+Layers, bottom up: ``request`` and ``edit`` (the reversible :class:`Edit`) → ``registry`` (the editor
+protocol) → the shared machinery of the locate-then-edit family (``stats``, ``context``, ``vstar``,
+``retrieval``) → ``methods/`` (one file per method; importing it registers them) → ``eval/`` (datasets,
+metrics, harness, sequential editing, layer sweep).
+"""
+
 from .request import InvalidRequestError, Request  # noqa: F401
-from .datasets import (  # noqa: F401
+from .edit import Edit, HookModule, InputTransform, PrefixText, WeightDelta, applied  # noqa: F401
+from locate.errors import EditStateError, InvalidHparamsError, MethodNotAvailableError  # noqa: F401
+from . import registry
+from .registry import EditMethod, Runtime, compute, get_method, methods, register, write  # noqa: F401
+from .stats import KeyStats, key_second_moments  # noqa: F401
+from .context import context_templates, subject_keys  # noqa: F401
+from .vstar import TargetVectors, VStarHparams, optimize_targets  # noqa: F401
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .methods.rome import ROMEHparams, rome  # noqa: F401
+from .methods.memit import ConflictingRequestsError, MEMITHparams, memit  # noqa: F401
+from .methods.ft import FTLHparams, fine_tune, ft  # noqa: F401
+from .methods.kn import kn_erase, kn_update  # noqa: F401
+from .eval import (  # noqa: F401
     Case,
     DatasetError,
     DatasetNotFoundError,
     Probe,
+    Results,
+    SequentialRun,
+    evaluate,
+    format_table,
+    layer_sweep,
     load_counterfact,
     load_counterfact_easyedit,
     load_dataset,
     load_known,
     load_mquake,
+    load_requests,
     load_zsre,
+    sequential,
 )
-from .evaluate import Measure, MethodNotAvailableError, Results, format_table, methods, register_method  # noqa: F401
-from .evaluate import evaluate  # noqa: F401,E402  (the function shadows the module name; import the module with importlib)
-from .ft import fine_tune, ft  # noqa: F401
-from .stats import KeyStats, key_second_moments  # noqa: F401
-from .context import context_templates, subject_keys  # noqa: F401
-from .vstar import TargetVectors, VStarHparams, optimize_targets  # noqa: F401
-from .rome import ROMEHparams, rome  # noqa: F401
-from .kn import kn_erase, kn_update  # noqa: F401
-from .memit import ConflictingRequestsError, MEMITHparams, memit  # noqa: F401
-from .sequential import SequentialRun, sequential  # noqa: F401
+methods = registry.methods  # noqa: E305  (the subpackage edit.methods is imported above; the name means the function)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .context import _StopForward
+from locate.hooks import as_cache, capture, prefix_cache
 
 
 @dataclass
@@ -43,8 +43,6 @@ class SuffixBatch:
 @torch.no_grad()
 def split_rows(lm, rows: Sequence[Sequence[int]], starts: Sequence[int]) -> SuffixBatch:
     """Run every row's tokens before ``starts[i]`` once and cache them (see the module docstring)."""
-    from transformers import DynamicCache
-
     dev = lm.device
     pad_id = lm.tokenizer.pad_token_id or 0
     B = len(rows)
@@ -68,31 +66,15 @@ def split_rows(lm, rows: Sequence[Sequence[int]], starts: Sequence[int]) -> Suff
     kv = None
     if P:
         pre_pos = (pre_mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        lm.hf_model(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        # padded positions are masked out, but a fully masked query can leave NaN in their keys/values,
-        # and 0 * NaN is NaN: make them finite
-        kv = [(torch.nan_to_num(layer.keys), torch.nan_to_num(layer.values)) for layer in cache.layers]
+        _, kv = prefix_cache(lm, pre_ids.to(dev), attention_mask=pre_mask.to(dev), position_ids=pre_pos.to(dev))
     return SuffixBatch(kv, pre_mask.to(dev), ids.to(dev), mask.to(dev), positions.to(dev), starts_t.to(dev))
 
 
 def suffix_hidden(lm, sb: SuffixBatch, hooks) -> torch.Tensor:
     """The final hidden state (the unembedding's input) of every suffix position, (B, S, d_model),
     with ``hooks`` active; gradients flow to whatever the hooks add. The unembedding is not run."""
-    from transformers import DynamicCache
-
-    got = {}
-
-    def grab(x, hook):
-        got["h"] = x
-        raise _StopForward
-
-    cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in sb.prefix_kv]) if sb.prefix_kv else None
-    try:
-        with lm.hooks([*hooks, ("unembed.hook_in", grab)]):
-            lm.hf_model(input_ids=sb.ids, attention_mask=torch.cat([sb.prefix_mask, sb.mask], 1),
-                        position_ids=sb.positions, past_key_values=cache, use_cache=cache is not None)
-    except _StopForward:
-        pass
-    return got["h"]
+    cache = as_cache(sb.prefix_kv)
+    with lm.hooks(hooks), capture(lm, "unembed.hook_in", detach=False) as got:
+        lm.hf_model(input_ids=sb.ids, attention_mask=torch.cat([sb.prefix_mask, sb.mask], 1),
+                    position_ids=sb.positions, past_key_values=cache, use_cache=cache is not None)
+    return got["unembed.hook_in"]

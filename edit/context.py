@@ -21,17 +21,13 @@ from typing import Sequence
 
 import torch
 
-from locate import resolve_model
+from locate import capture_at, resolve_model
 from locate.loading import cache_dir, derived_cache_key
 
 from .request import Request
 
 ROME_TEMPLATE_LENGTHS = ((5, 10), (10, 10))
 _STARTS = ("The", "Therefore", "Because", "I", "You")
-
-
-class _StopForward(Exception):
-    """Raised from a hook once everything needed has been captured; the rest of the pass is skipped."""
 
 
 @torch.no_grad()
@@ -97,29 +93,6 @@ def subject_last_token(lm, template: str, request: Request) -> tuple[list[int], 
         start, end = lm.subject_span(text, request.subject)
         return ids, end - 1
     return ids, inside[-1]
-
-
-@torch.no_grad()
-def capture_at(lm, rows: Sequence[Sequence[int]], positions: Sequence[int], hook_name: str,
-               stop_after: bool = True) -> torch.Tensor:
-    """Activation at ``hook_name`` for each row at its position, (len(rows), width). The forward
-    pass stops at that hook when ``stop_after`` (nothing later is needed)."""
-    batch = lm.pad(rows)
-    got = {}
-    idx = torch.arange(len(rows), device=lm.device)
-    pos = torch.as_tensor(list(positions), device=lm.device)
-
-    def hook(x, hook):
-        got["x"] = x[idx, pos].detach().clone()
-        if stop_after:
-            raise _StopForward
-
-    try:
-        with lm.hooks([(hook_name, hook)]):
-            lm.forward(batch)
-    except _StopForward:
-        pass
-    return got["x"]
 
 
 def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequence[str]) -> torch.Tensor:

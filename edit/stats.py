@@ -46,20 +46,20 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from locate import resolve_model
-from locate.errors import CacheCorruptedError, SingularStatisticsError
+from locate import capture, resolve_model
+from locate.errors import CacheCorruptedError, FingerprintMismatchError, SingularStatisticsError
 from locate.loading import CacheRebuiltWarning, cache_dir, derived_cache_key
+
+from .context import sample
 
 DEFAULT_N_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_TOKENS = 2048
 _FORMAT = "locate-edit/key-stats/1"
-
-
-class _StopForward(Exception):
-    """Raised from the hook of the deepest requested layer: the rest of the forward pass is not needed."""
 
 
 @dataclass
@@ -131,14 +131,13 @@ def _hf_texts(spec: str) -> Iterator[str]:
 
 def _model_texts(lm, seed: int, n_tokens: int, seq_len: int, batch: int = 8) -> Iterator[str]:
     """Last resort: text the model samples itself (top-k 50 after a few neutral start words), seeded."""
-    from .context import sample
 
     gen = torch.Generator().manual_seed(seed)
     starts = ["The", "In", "A", "It", "This", "He", "She", "There", "On", "After", "When", "According to"]
     produced, i = 0, 0
     while produced < n_tokens:
         for text in sample(lm, starts[i % len(starts)], batch, seq_len, gen, top_k=50):
-            produced += len(lm.encode(text))
+            produced += len(lm.encode(text, raw=True))
             yield text
         i += 1
 
@@ -178,7 +177,7 @@ def token_stream(lm, corpus, n_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN, s
             raise TypeError(f"corpus items must be strings, got {type(text).__name__}")
         if not text.strip():
             continue
-        ids.extend(lm.encode(text) + sep)
+        ids.extend(lm.encode(text, raw=True) + sep)
         if len(ids) >= n_tokens:
             break
     if len(ids) < n_tokens:
@@ -197,12 +196,10 @@ def stats_path(lm, layer: int, corpus_hash: str, n_tokens: int) -> Path:
 
 
 def _key(lm, layer, corpus_hash, n_tokens) -> dict:
-    return {"fingerprint": lm.fingerprint, "layer": layer, "corpus_hash": corpus_hash, "n_tokens": n_tokens}
+    return {"fingerprint": lm.state_fingerprint, "layer": layer, "corpus_hash": corpus_hash, "n_tokens": n_tokens}
 
 
 def _save(path: Path, st: KeyStats, key: dict) -> None:
-    from safetensors.torch import save_file
-
     C = st.C.contiguous().cpu()
     meta = {"format": _FORMAT, **key, "source": st.source, "sha256": hashlib.sha256(C.numpy().tobytes()).hexdigest()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +210,6 @@ def _save(path: Path, st: KeyStats, key: dict) -> None:
 
 def _load(path: Path, key: dict) -> KeyStats:
     """Read a cached C, or raise :class:`CacheCorruptedError` saying what is wrong with it."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["locate_edit"])
@@ -274,29 +269,23 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
         source = f"model samples (fallback: no corpus given; {n_tokens} tokens sampled from {lm.name}, seed {seed})"
 
     sums = {l: torch.zeros(lm.d_mlp, lm.d_mlp, dtype=torch.float64, device=lm.device) for l in todo}
-    deepest = max(todo)
     windows = list(tokens.split(seq_len))
     rows_per_batch = max(1, batch_tokens // seq_len)
 
-    def accumulate(layer):
-        def hook(k, hook):
-            k = k.reshape(-1, k.shape[-1]).float()
-            sums[layer].add_((k.T @ k).double())  # one batch in float32, the running sum in float64
-            if layer == deepest:
-                raise _StopForward
-        return hook
+    def accumulate(site, k):
+        k = k.reshape(-1, k.shape[-1]).float()
+        sums[layer_of[site]].add_((k.T @ k).double())  # one batch in float32, the running sum in float64
 
+    layer_of = {lm.hook_mlp_key(l): l for l in todo}
     bar = tqdm(total=n_tokens, desc=f"key statistics, layers {todo}", unit="tok", disable=not progress)
-    with torch.no_grad(), lm.hooks([(lm.hook_mlp_key(l), accumulate(l)) for l in todo]):
+    with torch.no_grad():
         for i in range(0, len(windows), rows_per_batch):
             chunk = windows[i: i + rows_per_batch]
             # equal-length windows batch without padding; a short last window runs alone
             groups = [chunk] if len({len(w) for w in chunk}) == 1 else [[w] for w in chunk]
             for g in groups:
-                try:
+                with capture(lm, list(layer_of), keep=accumulate):  # stops after the deepest layer
                     lm.bridge(torch.stack(g).to(lm.device))
-                except _StopForward:
-                    pass
                 bar.update(sum(len(w) for w in g))
     bar.close()
 
@@ -306,4 +295,22 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
         if cache:
             _save(stats_path(lm, l, corpus_hash, n_tokens), st, _key(lm, l, corpus_hash, n_tokens))
         out[l] = st
+    return {l: out[l] for l in layers}
+
+
+def stats_for(lm, layers: Sequence[int], *, stats: dict | None = None, corpus=None,
+              n_tokens: int = DEFAULT_N_TOKENS, progress: bool = False) -> dict[int, "KeyStats"]:
+    """``{layer: KeyStats}`` for ``layers``: the given ``stats`` where they cover a layer (checked to fit
+    the model), the rest computed (or read from the cache) over ``corpus``."""
+    out = {}
+    for l, st in dict(stats or {}).items():
+        if not isinstance(st, KeyStats):
+            raise TypeError(f"stats[{l}] must be a KeyStats, got {type(st).__name__}")
+        if tuple(st.C.shape) != (lm.d_mlp, lm.d_mlp):
+            raise FingerprintMismatchError(f"key statistics for layer {l} are {tuple(st.C.shape)}, the model's "
+                                           f"keys are {lm.d_mlp} wide: they were made for another model")
+        out[int(l)] = st
+    missing = [l for l in layers if l not in out]
+    if missing:
+        out.update(key_second_moments(lm, missing, corpus=corpus, n_tokens=n_tokens, progress=progress))
     return {l: out[l] for l in layers}

@@ -27,8 +27,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .causal_trace import clean_states, restored_layers, state_hook
+from ._tracing import clean_states, restored_layers, state_hook
+from .hooks import as_cache, capture, prefix_cache
 from .model import HookedLM
 
 
@@ -36,8 +38,6 @@ from .model import HookedLM
 def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor):
     """The noisy runs (one per sample): last-position logits, the key/value cache and every block's
     input (the residual stream, (S, T, d) per layer)."""
-    from transformers import DynamicCache
-
     s0, s1 = span
     x = torch.tensor([list(ids)] * noise.shape[0], device=lm.device)
 
@@ -46,27 +46,16 @@ def corrupted_run(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise
         h[:, s0:s1] += noise.to(h.dtype).to(h.device)
         return h
 
-    resid_in: dict[int, torch.Tensor] = {}
-
-    def keeper(layer):
-        def keep(h, hook):
-            resid_in[layer] = h.detach().clone()
-            return h
-        return keep
-
-    cache = DynamicCache()
-    hooks = [(lm.hook_embed, add_noise)] + [(lm.hook_resid_pre(j), keeper(j)) for j in range(lm.n_layers)]
-    with lm.hooks(hooks):
-        out = lm.hf_model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    sites = {lm.hook_resid_pre(j): j for j in range(lm.n_layers)}
+    with capture(lm, list(sites), keep=lambda name, h: h.clone(), stop=False) as got:
+        out, kv = prefix_cache(lm, x, hooks=[(lm.hook_embed, add_noise)])
+    resid_in = {sites[name]: h for name, h in got.items()}
     return out.logits[:, -1], kv, resid_in
 
 
 def _prefix_cache(kv, t: int, sample_idx: torch.Tensor):
     """A fresh cache holding the corrupted run's keys/values of positions < t for each row's sample."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(k[sample_idx, :, :t], v[sample_idx, :, :t]) for k, v in kv])
+    return as_cache([(k[sample_idx, :, :t], v[sample_idx, :, :t]) for k, v in kv])
 
 
 def _chunks(restorations, window: int, L: int, samples: int, batch_size: int) -> list[list]:
@@ -93,8 +82,6 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
                 batch_size: int = 256, progress: bool = False):
     """(p_corrupted, {kind: scores (T, L)}, timing) -- equal to the reference loop's numbers.
     ``tokens``: compute only these token rows (the others are NaN), e.g. the last subject token."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     L, T = lm.n_layers, len(ids)
     s0, s1 = span

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tqdm.auto import tqdm
+
+from ._tracing import clean_states
+from .causal_trace import _is_known, load_facts, trace
 from .loading import cache_dir, derived_cache_key
+from .model import resolve_model
 
 DEFAULT_FACTS = Path(__file__).parent / "data" / "calibration_facts.json"
 
@@ -70,10 +75,6 @@ def layer_profile(model=None, *, facts=None, n: int | None = 15, samples: int = 
     ``facts``: a list of {"prompt", "subject", "attribute"} dicts or a JSON path (default: the
     packaged calibration set). ``n``: use the first ``n`` facts. Facts the model gets wrong are skipped.
     """
-    from tqdm.auto import tqdm
-
-    from . import resolve_model
-    from .causal_trace import _is_known, clean_states, load_facts, trace
 
     lm = resolve_model(model)
     source = str(facts) if isinstance(facts, (str, Path)) else ("packaged calibration set" if facts is None

@@ -42,10 +42,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ._io import read_json, write_json
 from .errors import LocateEditError, SubjectNotFoundError, TokenNotInVocabularyError
-from .model import HookedLM
+from ._fast_restore import fast_scores
+from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
+from .model import HookedLM, resolve_model
 
 KINDS = ("hidden", "mlp", "attn")
 TOKEN_GROUPS = ("first subject token", "middle subject tokens", "last subject token",
@@ -190,37 +193,6 @@ def draw_noise(samples: int, n_tokens: int, d_model: int, level: float, *, seed:
 
 
 # ====================================================================== the reference loop
-def state_hook(lm: HookedLM, kind: str, layer: int) -> str:
-    return {"hidden": lm.hook_resid, "mlp": lm.hook_mlp_out, "attn": lm.hook_attn_out}[kind](layer)
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
-    """Layers restored for an mlp/attn score at ``layer``: [l - w//2, l + w - w//2) clipped."""
-    return list(range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2)))
-
-
-def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> list[int]:
-    return [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
-
-
-@torch.no_grad()
-def clean_states(lm: HookedLM, ids: Sequence[int], hook_names: Iterable[str]) -> tuple[torch.Tensor, dict]:
-    """Clean-run logits at the last position and the named activations, (T, d) each."""
-    names = set(hook_names)
-    cache = {}
-
-    def keeper(name):  # hook.name is the canonical name, which may differ from the alias asked for
-        def keep(x, hook):
-            cache[name] = x[0].detach().clone()
-            return x
-        return keep
-
-    x = torch.tensor([list(ids)], device=lm.device)
-    with lm.hooks([(n, keeper(n)) for n in names]):
-        logits = lm.hf_model(input_ids=x).logits[0, -1]
-    return logits, cache
-
-
 @torch.no_grad()
 def restored_probability(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor,
                          answer_id: int, restore: Sequence[tuple[str, int]] = (),
@@ -261,8 +233,6 @@ def restored_probability(lm: HookedLM, ids: Sequence[int], span: tuple[int, int]
 def loop_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor,
                 answer_id: int, kind: str, window: int, *, progress: bool = False) -> np.ndarray:
     """The reference algorithm: one hooked forward per (token, layer). Slow; kept for checking."""
-    from tqdm.auto import tqdm
-
     L, T = lm.n_layers, len(ids)
     _, clean = clean_states(lm, ids, [state_hook(lm, kind, l) for l in range(L)])
     out = np.zeros((T, L))
@@ -316,8 +286,6 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     ``tokens``: trace only these token rows (indices or names such as ``"last_subject"``); the other
     rows of ``scores`` are NaN. Fast path only.
     """
-    from . import resolve_model
-    from ._fast_restore import fast_scores
 
     lm = resolve_model(model)
     kinds = _check_args(kinds, samples, window)
@@ -432,9 +400,6 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
     skipped. With ``results=`` (a JSONL path) each trace is appended as it finishes and facts already
     there are not traced again, so an interrupted run resumes.
     """
-    from tqdm.auto import tqdm
-
-    from . import resolve_model
 
     lm = resolve_model(model)
     kinds = _check_args(kinds, samples, window)

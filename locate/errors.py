@@ -48,3 +48,19 @@ class IncompatibleLibraryError(LocateEditError, RuntimeError):
 
 class EditFailedError(LocateEditError, RuntimeError):
     """An edit could not be computed (NaN loss, interrupt...); the model was left unchanged."""
+
+
+class LayerSpecError(LocateEditError, ValueError):
+    """A layer spec that is not "auto", an int, a list of ints, a layer profile or a causal trace."""
+
+
+class MethodNotAvailableError(LocateEditError, LookupError):
+    """An editing method name that is not registered."""
+
+
+class InvalidHparamsError(LocateEditError, ValueError):
+    """A hyperparameter that the method does not have, or a value it cannot take."""
+
+
+class EditStateError(LocateEditError, RuntimeError):
+    """Applying an edit twice, reverting one that is not applied, or reverting out of order."""

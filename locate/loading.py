@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from importlib.metadata import version
 
 from .errors import CacheCorruptedError, ModelNotFoundError
 
@@ -56,17 +58,16 @@ def derived_cache_key(lm) -> str:
     context templates, key statistics): its weight fingerprint plus a digest of the versions of the
     libraries that ran it. A cache made under other versions is recomputed, not reused: with
     transformers 5.24 the TransformerLens bridge dropped the key/value cache, and templates and a
-    calibration made that way stayed on disk and steered later, correct runs to other layers."""
-    import transformers
+    calibration made that way stayed on disk and steered later, correct runs to other layers.
 
+    The model part is ``lm.state_fingerprint``: the weights *and the edits applied now*, so anything
+    computed while an edit is applied is cached as the edited model's, never as the unedited one's."""
     try:
-        from importlib.metadata import version
-
         tl = version("transformer-lens")
     except Exception:  # noqa: BLE001 - an uninstalled metadata entry: the digest still covers the rest
         tl = "unknown"
     libs = f"torch {torch.__version__}, transformers {transformers.__version__}, transformer-lens {tl}"
-    return f"{lm.fingerprint}-{hashlib.sha256(libs.encode()).hexdigest()[:8]}"
+    return f"{lm.state_fingerprint}-{hashlib.sha256(libs.encode()).hexdigest()[:8]}"
 
 
 def default_model_cache() -> Path:

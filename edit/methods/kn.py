@@ -12,20 +12,26 @@ of :meth:`HookedLM.mlp_out_weight` in our (d_model, d_mlp) orientation (row ``i`
 Both return an :class:`edit.Edit` of rank ``k`` per layer, stored exactly as ``left @ right`` where
 ``right`` is the one-hot selection of the layer's ``k`` neurons (so applying adds exactly the
 intended columns) and revertible bit-for-bit like every other edit.
+
+Registered as ``kn``: the fact's neurons are found for ``rendered prompt -> target_true`` with
+:func:`locate.neurons` and their slots rewritten toward ``target_new`` (§5.1).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
 
-from locate import resolve_model
+from locate import neurons, resolve_model
+from locate.errors import LocateEditError
 from locate.neurons import KnowledgeNeurons, NoNeuronsError, _by_layer
 
-from .edit import Edit, WeightDelta
-from .request import Request
+from ..edit import Edit, WeightDelta
+from ..registry import Runtime, register
+from ..request import Request
 
 
 def _slot_delta(lm, layer: int, idx: list[int], columns: torch.Tensor) -> WeightDelta:
@@ -108,3 +114,34 @@ def kn_erase(neurons: KnowledgeNeurons | Iterable[tuple[int, int]] | Sequence[Kn
                 lm.name, layer_reason="layers of the relation's knowledge neurons",
                 hparams={"relation": relation, "neurons": [list(n) for n in flat]},
                 timings={"compute_s": time.perf_counter() - t0})
+
+
+@dataclass
+class KNHparams:
+    """Dai et al. 2022's settings for finding and updating a fact's neurons."""
+
+    steps: int = 20  # Riemann steps of integrated gradients
+    threshold: float = 0.2  # keep neurons with attribution > threshold × max
+    lambda1: float = 1.0  # weight of −E(old) in each slot update
+    lambda2: float = 8.0  # weight of +E(new)
+
+
+@register("kn", KNHparams, batched=False, layers=None, smoke={"steps": 2},
+          description="knowledge-neuron edit: rewrite the value slots of the fact's neurons (Dai et al. 2022)")
+def compute_kn(lm, requests: list[Request], hp: KNHparams, rt: Runtime) -> Edit:
+    """Find the neurons of the old fact (``rendered prompt -> target_true``) and rewrite their value
+    slots toward ``target_new``. When no neuron passes the threshold the edit is empty (the case is
+    scored unedited) and says so in ``metrics``."""
+    (request,) = requests
+    if not request.target_true:
+        raise LocateEditError(f"a knowledge-neuron edit needs the old answer (target_true) of {request!r}")
+    found = neurons([request.rendered], request.target_true, model=lm, steps=hp.steps, threshold=hp.threshold,
+                    progress=False)
+    try:
+        e = kn_update(found, request.target_new, target_old=request.target_true, lambda1=hp.lambda1,
+                      lambda2=hp.lambda2, model=lm)
+    except NoNeuronsError:
+        e = Edit("kn", [request], [], lm.fingerprint, lm.name, metrics={"n_neurons": 0})
+    e.method, e.requests, e.hparams = "kn", [request], {**asdict(hp), **e.hparams}
+    e.metrics.setdefault("n_neurons", sum(d.rank or 0 for d in e.deltas))
+    return e

@@ -13,9 +13,8 @@ Modes
 ``sequential``  edits accumulate case after case and are never reverted until the end; at each
                 checkpoint (number of edits so far) all cases edited so far are scored.
 
-Methods are looked up by name when first used, so a method that is not installed yet fails only
-when asked for: ``none`` (the unedited model), ``ft`` (FT-L, :mod:`edit.ft`), ``rome``, ``memit``,
-``kn``. :func:`register_method` adds one.
+Methods are the registered ones (:func:`edit.methods`, :mod:`edit.registry`), plus ``none``, the
+unedited model. The harness knows nothing of any method beyond what the registry says of it.
 
 Locality is agreement with the unedited model, so the unedited model's predictions on every case's
 locality probes are taken first. Efficiency is the wall time and peak memory of computing and applying
@@ -32,7 +31,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import threading
@@ -48,138 +46,13 @@ from locate._io import read_json, write_json
 from locate import resolve_model
 from locate.errors import LocateEditError
 
+from ..edit import Edit
+from ..registry import EditMethod, Runtime, get_method, write
 from .datasets import Case
-from .edit import Edit
 from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, reference_predictions, score_case
-from .request import Request
+from .sequential import sequential
 
 MODES = ("single", "batch", "sequential")
-
-
-class MethodNotAvailableError(LocateEditError, LookupError):
-    """An editing method name that is unknown, or whose module is not installed."""
-
-
-# --------------------------------------------------------------------------- method registry
-@dataclass(frozen=True)
-class Method:
-    """How the harness calls an editing method.
-
-    ``target`` is ``"module:function"`` (imported when first used) or the function itself. ``batched`` methods take a list of requests and return one
-    :class:`Edit`; the others take one request, and several requests are edited one after another,
-    each on the model already carrying the previous ones."""
-
-    name: str
-    target: str | Callable | None
-    batched: bool
-    description: str = ""
-    layers: tuple[str, str | Callable] | None = None  # (the hparam naming the layers, "module:resolver" or resolver)
-
-    def function(self) -> Callable:
-        if callable(self.target):
-            return self.target
-        mod, fn = self.target.split(":")
-        try:
-            return getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise MethodNotAvailableError(f"editing method {self.name!r} needs {self.target}, which is not available: {e}") from e
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, target: str | Callable | None, *, batched: bool, description: str = "",
-                    layers: tuple[str, str | Callable] | None = None) -> None:
-    """Make ``name`` usable in :func:`evaluate`. ``target``: ``"module:function"``, a function
-    ``(requests_or_request, *, model, **hparams) -> Edit``, or None for no edit. ``layers``:
-    ``(hparam, "module:resolver" or the resolver)`` for a method whose layers may be ``"auto"``; the resolver
-    ``(lm, spec) -> (layers, reason)`` fixes them before the run (see :func:`pin_layers`)."""
-    _METHODS[name] = Method(name, target, batched, description, layers)
-
-
-register_method("none", None, batched=True, description="the unedited model")
-register_method("ft", "edit.ft:fine_tune", batched=True, description="FT-L, constrained fine-tuning of one MLP",
-                layers=("layer", "edit.rome:resolve_layer"))
-register_method("rome", "edit.rome:rome", batched=False, description="ROME (Meng et al. 2022)",
-                layers=("layer", "edit.rome:resolve_layer"))
-register_method("memit", "edit.memit:memit", batched=True, description="MEMIT (Meng et al. 2023)",
-                layers=("layers", "edit.memit:resolve_layers"))
-register_method("kn", "edit.evaluate:kn_edit", batched=False, description="knowledge-neuron edit (Dai et al. 2022)")
-
-
-def kn_edit(request: Request, *, model=None, steps: int = 20, threshold: float = 0.2, lambda1: float = 1.0,
-            lambda2: float = 8.0) -> Edit:
-    """The knowledge-neuron edit of one request, as the harness calls it: find the neurons of the old
-    fact (``rendered prompt -> target_true``, :func:`locate.neurons`) and rewrite their value slots
-    toward ``target_new`` (:func:`edit.kn.kn_update`, Dai et al. §5.1). When no neuron passes the
-    threshold the edit is empty (the case is scored unedited) and says so in ``metrics``."""
-    import locate
-    from locate.neurons import NoNeuronsError
-
-    from .kn import kn_update
-
-    lm = resolve_model(model)
-    if not request.target_true:
-        raise LocateEditError(f"a knowledge-neuron edit needs the old answer (target_true) of {request!r}")
-    found = locate.neurons([request.rendered], request.target_true, model=lm, steps=steps, threshold=threshold,
-                           progress=False)
-    try:
-        e = kn_update(found, request.target_new, target_old=request.target_true, lambda1=lambda1, lambda2=lambda2,
-                      model=lm)
-    except NoNeuronsError:
-        e = Edit("KN-update", [request], [], lm.fingerprint, lm.name, metrics={"n_neurons": 0})
-    e.metrics.setdefault("n_neurons", sum(len(d.right) if d.right is not None else 0 for d in e.deltas))
-    return e
-
-
-def pin_layers(method: Method, lm, hparams: dict) -> tuple[dict, str | None]:
-    """``hparams`` with the method's layer spec (``"auto"``, a trace, a profile or explicit layers)
-    replaced by the layers it resolves to now, and the resolver's reason. A run's settings then name
-    the layers it edits, so resuming it after ``"auto"`` would pick other layers (a new calibration,
-    another library version) fails instead of mixing layers in one table."""
-    if method.layers is None:
-        return dict(hparams), None
-    key, resolver = method.layers
-    if not callable(resolver):
-        mod, fn = resolver.split(":")
-        resolver = getattr(importlib.import_module(mod), fn)
-    spec = hparams.get(key, "auto")
-    extra = {"n_layers": hparams["n_layers"]} if key == "layers" and "n_layers" in hparams else {}
-    resolved, reason = resolver(lm, spec, **extra)
-    return {**hparams, key: resolved}, reason
-
-
-def methods() -> dict[str, Method]:
-    return dict(_METHODS)
-
-
-def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise MethodNotAvailableError(f"unknown editing method {name!r}; known: {sorted(_METHODS)}")
-    return _METHODS[name]
-
-
-def make_edits(method: str | Method, requests: Sequence[Request], lm, hparams: dict | None = None) -> list[Edit]:
-    """Compute *and apply* the edits writing ``requests``; returns them in order of application
-    (revert in reverse). On failure, the edits applied so far are reverted before raising."""
-    m = get_method(method) if isinstance(method, str) else method
-    if m.target is None:
-        return []
-    fn, hp = m.function(), dict(hparams or {})
-    if m.batched:
-        groups = [list(requests)]
-    else:
-        groups = [[r] for r in requests]
-    done: list[Edit] = []
-    try:
-        for g in groups:
-            e = fn(g if m.batched else g[0], model=lm, **hp)
-            done.append(e if e.is_applied else e.apply(lm))  # some methods (ROME) apply by default
-    except BaseException:
-        for e in reversed(done):
-            e.revert(lm)
-        raise
-    return done
 
 
 # --------------------------------------------------------------------------- efficiency
@@ -372,34 +245,44 @@ def _describe_hparams(hp: dict) -> dict:
     return out
 
 
+NONE = "none"  # the unedited model: the baseline row of every table
+
+
+def _edits(m: EditMethod | None, requests, lm, hp, rt) -> list[Edit]:
+    return [] if m is None else write(m, requests, model=lm, hparams=hp, runtime=rt)
+
+
 def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "single", hparams: dict | None = None,
              batch_size: int = 10, checkpoints: Sequence[int] | None = None, out: str | Path | None = None,
              resume: bool = True, fluency: bool | int = True, gen_length: int = 100, normalize: str = "sum",
-             seed: int = 0, progress: bool = True) -> Results:
-    """Edit with ``method`` and score, over ``cases``. See the module docstring for the modes.
+             seed: int = 0, progress: bool = True, corpus=None, stats: dict | None = None,
+             data_dir: str | Path | None = None) -> Results:
+    """Edit with ``method`` (a registered name, or ``"none"``) and score, over ``cases``. See the module
+    docstring for the modes.
 
-    ``hparams`` go to the method (e.g. ``{"layer": 5}``); a layer spec such as ``"auto"`` is resolved
-    once, before the first case (:func:`pin_layers`), and the settings record the layers used. ``batch_size``: requests per MEMIT batch in
-    batch mode. ``checkpoints``: edit counts at which sequential mode scores (default 1, 10, 50,
-    100, 200, ... up to the number of cases). ``fluency``: sample generations for the fluency score
-    (the slow part; ``gen_length`` tokens per text); an int k scores fluency on the first k cases only. ``normalize``: ``"sum"`` (P of the whole target)
-    or ``"mean"`` (the ROME code's per-token mean) for the probability comparisons."""
+    ``hparams`` go to the method (a dict of overrides of its hyperparameter dataclass, e.g.
+    ``{"layers": 5}``); its layer spec (``"auto"``, ...) is resolved once, before the first case, and the
+    settings record the layers used. ``corpus``/``stats``: the key statistics' source (see
+    :class:`edit.registry.Runtime`). ``batch_size``: requests per edit in batch mode. ``checkpoints``:
+    edit counts at which sequential mode scores (default 1, 10, 50, 100, 200, ... up to the number of
+    cases). ``fluency``: sample generations for the fluency score (the slow part; ``gen_length``
+    tokens per text); an int k scores fluency on the first k cases only. ``normalize``: ``"sum"`` (P of
+    the whole target) or ``"mean"`` (the ROME code's per-token mean) for the probability comparisons."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cases = list(cases)
     if not cases:
         raise ValueError("no cases to evaluate")
-    m = get_method(method)
-    if m.target is not None:
-        m.function()  # fail now, before any work, if the method is not installed
+    m = None if method == NONE else get_method(method)  # an unknown name fails here, before any work
     lm = resolve_model(model)
     for c in cases:
         for r in c.requests:
             r.check(lm)
-    hp, layers_reason = pin_layers(m, lm, dict(hparams or {}))
-    settings = {"method": method, "mode": mode, "hparams": _describe_hparams(hp), "fingerprint": lm.fingerprint,
-                "cases": [str(c.case_id) for c in cases], "fluency": fluency, "gen_length": gen_length,
-                "normalize": normalize, "seed": seed}
+    hp, layers_reason = (None, None) if m is None else m.pin(lm, m.make_hparams(hparams))
+    rt = Runtime(corpus=corpus, stats=stats, progress=False, seed=seed, data_dir=data_dir)
+    settings = {"method": method, "mode": mode, "hparams": _describe_hparams(dataclasses.asdict(hp) if hp else {}),
+                "fingerprint": lm.state_fingerprint, "cases": [str(c.case_id) for c in cases], "fluency": fluency,
+                "gen_length": gen_length, "normalize": normalize, "seed": seed}
     if mode == "batch":
         settings["batch_size"] = batch_size
     if mode == "sequential":
@@ -439,7 +322,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                         continue
                     reqs = [r for c in g for r in c.requests]
                     with Measure(lm.device) as meas:
-                        edits = make_edits(m, reqs, lm, hp)
+                        edits = _edits(m, reqs, lm, hp, rt)
                     try:
                         for c, k in zip(g, keys):
                             rec = {"key": k, "case_id": c.case_id, "method": method,
@@ -457,52 +340,69 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                             e.revert(lm)
             aggregates = aggregate(records)
         else:
-            applied: list[Edit] = []
-            edit_dir = None if store.dir is None else store.dir / "edits"
-            try:
-                with bar(len(cases), f"{method} sequential") as pb:
-                    for i, c in enumerate(cases):
-                        saved = None if edit_dir is None else edit_dir / f"{i:05d}"
-                        cost_key = f"cost/{c.case_id}"
-                        if saved is not None and cost_key in store.done and saved.is_dir():
-                            for p in sorted(saved.glob("*.safetensors")):  # resume: re-apply the stored edits
-                                applied.append(Edit.load(p, lm).apply(lm))
-                        else:
-                            with Measure(lm.device) as meas:
-                                new = make_edits(m, c.requests, lm, hp)
-                            applied += new
-                            if saved is not None:
-                                saved.mkdir(parents=True, exist_ok=True)
-                                for j, e in enumerate(new):
-                                    e.save(saved / f"{j:02d}.safetensors")
-                            store.add({"key": cost_key, "case_id": c.case_id, "cost": True,
-                                       "edit_seconds": meas.seconds / len(c.requests) if new else None,
-                                       "peak_memory_mb": meas.peak_mb if new else None})
-                        pb.update(1)
-                        n = i + 1
-                        if n in checkpoints:
-                            cp_records = []
-                            for prev in cases[:n]:
-                                k = f"{n}/{prev.case_id}"
-                                if k not in store.done:
-                                    store.add({"key": k, "case_id": prev.case_id, "method": method, "n_edits": n,
-                                               **score_case(lm, prev, reference=refs.get(prev.case_id), fluency=with_fluency(prev),
-                                                           **score_kw)})
-                                cp_records.append(store.done[k])
-                            costs = [store.done[f"cost/{p.case_id}"] for p in cases[:n]]
-                            agg = aggregate(cp_records)
-                            for key in ("edit_seconds", "peak_memory_mb"):
-                                vals = [x[key] for x in costs if x.get(key) is not None]
-                                if vals:
-                                    agg[key] = sum(vals) / len(vals)
-                            curve[n] = agg
-                            records += cp_records
-            finally:
-                for e in reversed(applied):
-                    e.revert(lm)
+            records, curve = _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency,
+                                              score_kw, progress)
             aggregates = curve[checkpoints[-1]] if checkpoints[-1] in curve else {}
-    res = Results(method, mode, cases[0].dataset, lm.name, lm.fingerprint, settings, records, aggregates, curve)
+    res = Results(method, mode, cases[0].dataset, lm.name, lm.state_fingerprint, settings, records, aggregates, curve)
     if store.dir is not None:
         res.save(store.dir / "results.json")
         res.save_csv(store.dir / "records.csv")
     return res
+
+
+def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress):
+    """Edits accumulate case after case (through :func:`edit.eval.sequential.sequential`, each case's
+    requests one batch); at each checkpoint every case edited so far is scored. With an output
+    directory each case's edits are saved and re-applied on resume."""
+    edit_dir = None if store.dir is None else store.dir / "edits"
+    records: list[dict] = []
+    curve: dict[int, dict] = {}
+
+    def replay(b):
+        saved = None if edit_dir is None else edit_dir / f"{b:05d}"
+        if saved is None or f"cost/{cases[b].case_id}" not in store.done or not saved.is_dir():
+            return None
+        return [Edit.load(p, lm) for p in sorted(saved.glob("*.safetensors"))]
+
+    def on_batch(b, new, seconds):
+        if edit_dir is not None:
+            saved = edit_dir / f"{b:05d}"
+            saved.mkdir(parents=True, exist_ok=True)
+            for j, e in enumerate(new):
+                e.save(saved / f"{j:02d}.safetensors")
+        store.add({"key": f"cost/{cases[b].case_id}", "case_id": cases[b].case_id, "cost": True,
+                   "edit_seconds": seconds / len(cases[b].requests) if new else None, "peak_memory_mb": None})
+
+    def score(lm_, run):
+        n = run.n_batches
+        if n not in checkpoints:
+            return None
+        cp_records = []
+        for prev in cases[:n]:
+            k = f"{n}/{prev.case_id}"
+            if k not in store.done:
+                store.add({"key": k, "case_id": prev.case_id, "method": method, "n_edits": n,
+                           **score_case(lm, prev, reference=refs.get(prev.case_id), fluency=with_fluency(prev),
+                                        **score_kw)})
+            cp_records.append(store.done[k])
+        costs = [store.done[f"cost/{p.case_id}"] for p in cases[:n] if f"cost/{p.case_id}" in store.done]
+        agg = aggregate(cp_records)
+        vals = [x["edit_seconds"] for x in costs if x.get("edit_seconds") is not None]
+        if vals:
+            agg["edit_seconds"] = sum(vals) / len(vals)
+        curve[n] = agg
+        records.extend(cp_records)
+        return n
+
+    if m is None:  # the unedited model: nothing to write, score at each checkpoint as is
+        class _Run:
+            n_batches = 0
+        r = _Run()
+        for n in checkpoints:
+            r.n_batches = n
+            score(lm, r)
+        return records, curve
+    run = sequential(None, m, model=lm, batches=[c.requests for c in cases], hparams=hp, runtime=rt,
+                     callback=score, replay=replay, on_batch=on_batch, progress=progress)
+    run.revert()
+    return records, curve

@@ -29,7 +29,7 @@ from typing import Any
 
 from locate.errors import LocateEditError
 
-from .request import Request
+from ..request import Request
 
 
 class DatasetError(LocateEditError, ValueError):
@@ -278,3 +278,27 @@ def load_dataset(name: str, data_dir: str | Path, n: int | None = None, **kwargs
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {sorted(LOADERS)}")
     return LOADERS[name](Path(data_dir) / DEFAULT_FILES[name], n, **kwargs)
+
+
+def load_requests(path) -> list[Request]:
+    """Requests from a JSON file: a list of ``{"prompt": "{} is in", "subject": ..., "target_new": ...}``
+    objects (``target_true`` optional), or CounterFact records (``requested_rewrite``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"requests file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path} is not a JSON file: {e}") from e
+    if isinstance(data, dict):
+        data = [data]
+    out = []
+    for i, d in enumerate(data):
+        if isinstance(d, dict) and "requested_rewrite" in d:
+            out.append(_counterfact_record(d).request)
+        elif isinstance(d, dict) and {"prompt", "subject", "target_new"} <= set(d):
+            t = d["target_new"]["str"] if isinstance(d["target_new"], dict) else d["target_new"]
+            out.append(Request(d["prompt"], d["subject"], t if t.startswith(" ") else " " + t, d.get("target_true")))
+        else:
+            raise DatasetError(f"{path}, item {i}: needs prompt, subject and target_new (or requested_rewrite)")
+    return out

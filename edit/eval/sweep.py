@@ -46,7 +46,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from locate._io import read_json, write_json
-from locate import resolve_model
+from locate import layer_profile, resolve_model, trace
+from locate.causal_trace import _is_known
+from locate.errors import LocateEditError
+
+from ..registry import get_method
+from .harness import evaluate
 
 from .datasets import Case
 from .metrics import harmonic_mean, pearson, prob, spearman, teacher_forced
@@ -134,7 +139,6 @@ class LayerSweep:
 def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batch_size: int = 32) -> list[Case]:
     """The cases whose rewrite prompt the unedited model completes with the true target's first token
     (the correctness filter of causal tracing), in order; the first ``n`` of them if given."""
-    from locate.causal_trace import _is_known
 
     lm = resolve_model(model)
     keep: list[Case] = []
@@ -165,7 +169,6 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
     """Trace each case's rewrite prompt on the (unedited) model: MLP indirect effects at the last
     subject token for every layer, on the first token of ``target_true``. With ``out`` the result is
     cached in ``out`` (a JSON file) and reused when model, cases and settings match."""
-    from locate.causal_trace import trace
 
     lm = resolve_model(model)
     settings = {"fingerprint": lm.fingerprint, "cases": [str(c.case_id) for c in cases], "samples": samples,
@@ -370,7 +373,6 @@ def _aie_profile(lm, aie, tracing: CaseTracing | None, analysed) -> tuple[list[f
                 f"MLP IE at the last subject token on the true target's first token, mean over {which}; "
                 f"samples={tracing.samples}, window={tracing.window}")
     if isinstance(aie, str) and aie == "calibration":
-        from locate import layer_profile
 
         prof = layer_profile(lm)
         return [float(x) for x in prof.aie], f"locate.layer_profile: {prof.reason()} ({prof.source})"
@@ -379,14 +381,17 @@ def _aie_profile(lm, aie, tracing: CaseTracing | None, analysed) -> tuple[list[f
 
 
 def layer_hparams(method: str, layer: int) -> dict:
-    """The keyword that pins ``method`` to one layer (MEMIT takes a list of layers)."""
-    return {"layers": [layer]} if method == "memit" else {"layer": layer}
+    """The hyperparameter that pins ``method`` to one layer: every layered method takes a layer spec
+    in ``layers`` (:mod:`edit.registry`); a method that edits no layer cannot be swept."""
+    if get_method(method).layers is None:
+        raise LocateEditError(f"{method} edits no particular layer; a layer sweep needs a method that does")
+    return {"layers": [layer]}
 
 
 def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence[int] | None = None, model=None,
                 aie="cases", hparams: dict | None = None, out: str | Path | None = None, fluency: bool = False,
                 trace_samples: int = 3, trace_window: int = 10, bootstrap: int = 1000, level: float = 0.95,
-                seed: int = 0, progress: bool = True) -> LayerSweep:
+                seed: int = 0, progress: bool = True, corpus=None, stats: dict | None = None) -> LayerSweep:
     """Edit ``cases`` with ``method`` at each of ``layers`` (default: all) and relate the metrics to
     causal tracing.
 
@@ -396,9 +401,8 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
     as given; ``None`` skips tracing. With ``out``, each layer's run is stored (and resumed) under
     ``out/layer_XX/``, the case tracing in ``out/case_tracing.json`` and the sweep in ``out/sweep.json``.
     ``bootstrap`` case-bootstrap draws (0: none) give ``level`` percentile intervals (:func:`case_bootstrap`).
+    ``corpus``/``stats``: the key statistics' source, as in :func:`edit.eval.evaluate`.
     """
-    from .evaluate import evaluate
-
     lm = resolve_model(model)
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     if isinstance(aie, str) and aie not in ("cases", "calibration"):
@@ -413,7 +417,8 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
     records_by_layer = []
     for l in layers:
         res = evaluate(method, cases, model=lm, mode="single", hparams={**(hparams or {}), **layer_hparams(method, l)},
-                       out=None if out is None else Path(out) / f"layer_{l:02d}", fluency=fluency, progress=progress)
+                       out=None if out is None else Path(out) / f"layer_{l:02d}", fluency=fluency, progress=progress,
+                       corpus=corpus, stats=stats)
         records_by_layer.append(res.records)
         for k in SWEEP_METRICS:
             metrics[k].append(float(res.aggregates.get(k, float("nan"))))

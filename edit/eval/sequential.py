@@ -3,8 +3,8 @@
 This is the harness behind the knowledge-editing survey's sequential-editing curves (Yao et al.
 2023, §4; Gupta et al. 2024 on model collapse under repeated ROME edits): requests are written in
 batches of ``batch_size``, each batch on the model that already carries all earlier batches. With
-``method="memit"`` each batch is one MEMIT edit; with ``method="rome"`` (a single-fact method) each
-request of a batch is its own ROME edit, applied one after another. At the chosen checkpoints a
+a batched method (``batched=True`` in the registry, e.g. MEMIT) each batch is one edit; with a
+single-fact method (ROME) each request of a batch is its own edit, applied one after another. At the chosen checkpoints a
 user callback measures the model (efficacy on everything written so far, perplexity, ...).
 
 Every :class:`edit.Edit` is kept, in order, so the whole sequence reverts bit-exactly
@@ -14,6 +14,7 @@ the error propagates: the model is left as it was found.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from locate import resolve_model
 
-from .edit import Edit
-from .request import InvalidRequestError, Request
+from ..edit import Edit
+from ..registry import Runtime, check_requests, get_method, write
+from ..request import InvalidRequestError, Request
 
 
 @dataclass
@@ -48,6 +50,7 @@ class SequentialRun:
     edits: list[Edit] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     n_edits: int = 0  # requests written so far
+    n_batches: int = 0  # batches written so far
     seconds: float = 0.0
 
     @property
@@ -98,7 +101,10 @@ def _checkpoint_counts(checkpoints, n: int, batch_size: int) -> list[int]:
 def sequential(requests: Sequence[Request], method: str = "rome", batch_size: int = 1, *, model=None,
                checkpoints: Sequence[int] | int | None = None,
                callback: Callable[[Any, SequentialRun], Any] | None = None,
-               hparams: dict | None = None, progress: bool = True) -> SequentialRun:
+               hparams: dict | None = None, runtime: Runtime | None = None, progress: bool = True,
+               batches: Sequence[Sequence[Request]] | None = None,
+               replay: Callable[[int], list[Edit] | None] | None = None,
+               on_batch: Callable[[int, list[Edit], float], None] | None = None) -> SequentialRun:
     """Write ``requests`` into the model in batches of ``batch_size``, each batch on top of the last.
 
     ``method``: any name of :func:`edit.methods` (``"rome"``, ``"memit"``, ``"ft"``, ...); batched
@@ -109,38 +115,46 @@ def sequential(requests: Sequence[Request], method: str = "rome", batch_size: in
 
     Returns the :class:`SequentialRun`, with all its edits applied to the model; ``run.revert()``
     restores the original weights bit-exactly. On any exception the edits made so far are reverted first.
-    """
-    from .evaluate import get_method
 
+    The evaluation harness's sequential mode runs through here too, with ``batches`` (one per case:
+    its requests), ``replay(b)`` (the stored edits of batch ``b`` when resuming, else None) and
+    ``on_batch(b, edits, seconds)`` (to store them); ``checkpoints`` then count batches' requests.
+    """
     lm = resolve_model(model)
     m = get_method(method)
-    if m.target is not None:
-        m.function()  # fail now, before any work, if the method is not installed
-    requests = [requests] if isinstance(requests, Request) else list(requests)
-    if not requests:
-        raise InvalidRequestError("no requests given")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    for r in requests:
-        if not isinstance(r, Request):
-            raise InvalidRequestError(f"expected edit.Request, got {type(r).__name__}: {r!r}")
-        r.check(lm)
-    counts = _checkpoint_counts(checkpoints, len(requests), batch_size)
-    run = SequentialRun(method, batch_size, requests)
-    hp = dict(hparams or {})
+    if batches is None:
+        requests = [requests] if isinstance(requests, Request) else list(requests)
+        if not requests:
+            raise InvalidRequestError("no requests given")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batches = [requests[i: i + batch_size] for i in range(0, len(requests), batch_size)]
+    else:
+        batches = [list(b) for b in batches]
+        requests = [r for b in batches for r in b]
+    check_requests(requests, lm)
+    if checkpoints is None and len({len(b) for b in batches}) > 1:  # uneven batches: call back after each
+        counts = list(itertools.accumulate(len(b) for b in batches))
+    else:
+        counts = _checkpoint_counts(checkpoints, len(requests), batch_size)
+    run = SequentialRun(m.name, batch_size, requests)
+    rt = runtime or Runtime(progress=False)
     try:
-        with tqdm(total=len(requests), desc=f"sequential {method}, batches of {batch_size}", unit="edit",
-                  disable=not progress) as bar:
-            for b, start in enumerate(range(0, len(requests), batch_size)):
-                batch = requests[start: start + batch_size]
+        with tqdm(total=len(requests), desc=f"sequential {m.name}", unit="edit", disable=not progress) as bar:
+            for b, batch in enumerate(batches):
                 t0 = time.perf_counter()
-                for group in ([batch] if m.batched else [[r] for r in batch]):
-                    e = m.function()(group if m.batched else group[0], model=lm, **hp)
-                    if not e.is_applied:  # some methods (ROME) apply their edit themselves
-                        e.apply(lm)
-                    run.edits.append(e)
+                stored = replay(b) if replay is not None else None
+                if stored is not None:
+                    for e in stored:
+                        run.edits.append(e.apply(lm))
+                else:
+                    new = write(m, batch, model=lm, hparams=hparams, runtime=rt)
+                    run.edits += new
+                    if on_batch is not None:
+                        on_batch(b, new, time.perf_counter() - t0)
                 run.seconds += time.perf_counter() - t0
                 run.n_edits += len(batch)
+                run.n_batches = b + 1
                 bar.update(len(batch))
                 if run.n_edits in counts:
                     value = callback(lm, run) if callback is not None else None

@@ -1,0 +1,20 @@
+"""edit.eval: scoring editing methods. Datasets → metrics → the harness (single, batch and sequential
+modes, resumable results) → the layer sweep. It reaches every method through :mod:`edit.registry`."""
+
+from .datasets import (  # noqa: F401
+    LOADERS,
+    Case,
+    DatasetError,
+    DatasetNotFoundError,
+    Probe,
+    load_counterfact,
+    load_counterfact_easyedit,
+    load_dataset,
+    load_known,
+    load_mquake,
+    load_requests,
+    load_zsre,
+)
+from .harness import NONE, Measure, Results, evaluate, format_table  # noqa: F401
+from .sequential import SequentialRun, sequential  # noqa: F401
+from .sweep import LayerSweep, layer_sweep  # noqa: F401
