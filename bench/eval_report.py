@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     import edit
     import locate
     import viz
-    from edit.evaluate import MethodNotAvailableError, format_table, get_method
-    from edit.sweep import layer_sweep
+    from edit.eval.harness import MethodNotAvailableError, format_table, get_method
+    from edit.eval.sweep import layer_sweep
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     if "sweep" in sections and args.sweep_method in available:
         cf_file = data / "counterfact/counterfact_dev_800.json"
         if args.sweep_known:  # the first --n-sweep cases the model knows (causal tracing's correctness filter)
-            from edit.sweep import known_cases
+            from edit.eval.sweep import known_cases
 
             cases = known_cases(edit.load_counterfact(cf_file), lm, n=args.n_sweep)
         else:
@@ -214,8 +214,8 @@ def summarise_partial(out: Path) -> int:
     """Tables from the records written so far (each run directory's records.jsonl)."""
     import json
 
-    from edit.evaluate import Results, format_table
-    from edit.metrics import aggregate
+    from edit.eval.harness import Results, format_table
+    from edit.eval.metrics import aggregate
 
     lines = [f"# partial summary of {out}, {time.strftime('%Y-%m-%d %H:%M %Z')}"]
     for prefix in ("cf", "zsre", "mquake"):

@@ -58,9 +58,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import locate
-    from edit.evaluate import Measure
-    from edit.memit import memit
-    from edit.metrics import aggregate, score_case
+    from edit.eval.harness import Measure
+    from edit.methods.memit import memit
+    from edit.eval.metrics import aggregate, score_case
     from edit.stats import key_second_moments
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     for n in args.sizes:
         cases = cases_for(n, args.data)
         reqs = [c.request for c in cases]
-        from edit.memit import resolve_layers
+        from edit.methods.memit import resolve_layers
 
         L, _ = resolve_layers(lm, layers)
         stats = key_second_moments(lm, L, corpus=corpus, n_tokens=args.stats_tokens, progress=False)

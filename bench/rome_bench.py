@@ -22,8 +22,8 @@ import torch
 
 import edit
 import locate
-from edit.metrics import prob, teacher_forced
-from edit.rome import resolve_layer
+from edit.eval.metrics import prob, teacher_forced
+from edit.methods.rome import resolve_layer
 from edit.stats import key_second_moments
 
 DATA = Path(os.environ.get("LOCATE_EDIT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -111,3 +111,14 @@ def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequ
             pos.append(i)
     keys = capture_at(lm, rows, pos, lm.hook_mlp_key(layer))
     return keys.reshape(len(requests), len(templates), -1).mean(1)
+
+
+def templates_for(lm, rt, lengths: Sequence[tuple[int, int]]) -> list[str]:
+    """The context templates an editing method uses under the :class:`edit.registry.Runtime` ``rt``:
+    generated once per run, by the model as the run's first edit found it, and reused by every later
+    edit of the run (the reference code generates them once and keeps them for the whole run)."""
+    memo = rt.cache.setdefault("context_templates", {})
+    key = (lm.fingerprint, rt.seed, tuple(tuple(x) for x in lengths))
+    if key not in memo:
+        memo[key] = context_templates(lm, seed=rt.seed, lengths=lengths)
+    return list(memo[key])

@@ -298,19 +298,32 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
     return {l: out[l] for l in layers}
 
 
-def stats_for(lm, layers: Sequence[int], *, stats: dict | None = None, corpus=None,
-              n_tokens: int = DEFAULT_N_TOKENS, progress: bool = False) -> dict[int, "KeyStats"]:
-    """``{layer: KeyStats}`` for ``layers``: the given ``stats`` where they cover a layer (checked to fit
-    the model), the rest computed (or read from the cache) over ``corpus``."""
+def stats_for(lm, layers: Sequence[int], rt, *, n_tokens: int = DEFAULT_N_TOKENS) -> dict[int, "KeyStats"]:
+    """``{layer: KeyStats}`` for ``layers``, for a method running under the :class:`edit.registry.Runtime`
+    ``rt``: ``rt.stats`` where they cover a layer (checked to fit the model), else the statistics this
+    run already computed (``rt.cache``), else computed (or read from the disk cache) over ``rt.corpus``.
+
+    Within one run the statistics are those of the model as the first edit found it, as in the
+    reference code, where C₀ describes the unedited model's keys and is reused by every later edit of
+    a sequential run (and not recomputed on the model that carries the earlier edits)."""
     out = {}
-    for l, st in dict(stats or {}).items():
+    for l, st in dict(rt.stats or {}).items():
         if not isinstance(st, KeyStats):
             raise TypeError(f"stats[{l}] must be a KeyStats, got {type(st).__name__}")
         if tuple(st.C.shape) != (lm.d_mlp, lm.d_mlp):
             raise FingerprintMismatchError(f"key statistics for layer {l} are {tuple(st.C.shape)}, the model's "
                                            f"keys are {lm.d_mlp} wide: they were made for another model")
         out[int(l)] = st
+    memo = rt.cache.setdefault("key_stats", {})
+    corpus_tag = str(rt.corpus) if isinstance(rt.corpus, (str, os.PathLike)) or rt.corpus is None else id(rt.corpus)
+    tag = (lm.fingerprint, corpus_tag, n_tokens)
+    for l in layers:
+        if l not in out and (tag, l) in memo:
+            out[l] = memo[(tag, l)]
     missing = [l for l in layers if l not in out]
     if missing:
-        out.update(key_second_moments(lm, missing, corpus=corpus, n_tokens=n_tokens, progress=progress))
+        got = key_second_moments(lm, missing, corpus=rt.corpus, n_tokens=n_tokens, progress=rt.progress)
+        for l, st in got.items():
+            memo[(tag, l)] = st
+        out.update(got)
     return {l: out[l] for l in layers}

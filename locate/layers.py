@@ -39,10 +39,8 @@ def _as_layer(lm, x) -> int:
 def resolve_layers(lm, spec: Any = "auto", n: int = 1) -> tuple[list[int], str]:
     """``(layers, reason)``: the sorted layers ``spec`` names on ``lm`` and a sentence saying why.
 
-    ``n`` is the window size for the specs that choose layers (``"auto"``, a profile, a trace)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= int(n) <= lm.n_layers:
-        raise LayerSpecError(f"the number of layers must be an int in 1..{lm.n_layers}, got {n!r}")
-    n = int(n)
+    ``n`` is the window size for the specs that choose layers (``"auto"``, a profile, a trace); it is
+    checked (1..n_layers, never clamped) only for those."""
     if isinstance(spec, numbers.Integral) and not isinstance(spec, bool) or isinstance(spec, float):
         layer = _as_layer(lm, spec)
         return [layer], f"layer {layer}: chosen by the caller"
@@ -53,6 +51,9 @@ def resolve_layers(lm, spec: Any = "auto", n: int = 1) -> tuple[list[int], str]:
         if len(set(out)) != len(out):
             raise LayerSpecError(f"layers {out} has repeats")
         return sorted(out), f"layers {sorted(out)}: chosen by the caller"
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= int(n) <= lm.n_layers:
+        raise LayerSpecError(f"the number of layers to choose must be an int in 1..{lm.n_layers}, got {n!r}")
+    n = int(n)
     if isinstance(spec, str):
         if spec != "auto":
             raise LayerSpecError(f"a layer spec string must be 'auto', got {spec!r}")

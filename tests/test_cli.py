@@ -1,4 +1,4 @@
-from locate.cli import main
+from locate_edit.cli import main
 
 
 def test_info_prints_dimensions(capsys, lm):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edit.datasets import (
+from edit.eval.datasets import (
     DatasetError,
     DatasetNotFoundError,
     load_counterfact,

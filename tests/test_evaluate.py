@@ -8,28 +8,41 @@ import pytest
 import torch
 
 import edit
-import importlib
+import edit.eval.harness as ev
+from dataclasses import dataclass
+from typing import Any
 
-ev = importlib.import_module("edit.evaluate")  # the module (edit.evaluate is also the function)
-from edit.datasets import Case, Probe
+import locate.layers
+from edit.eval.datasets import Case, Probe
 from edit.edit import Edit, WeightDelta
-from edit.ft import fine_tune
+from edit.methods.ft import fine_tune
+from edit.registry import register
 from edit.request import InvalidRequestError, Request
-from locate.errors import EditFailedError, LayerOutOfRangeError, LocateEditError
+from locate.calibration import LayerProfile
+from locate.errors import EditFailedError, LayerOutOfRangeError, LocateEditError, MethodNotAvailableError
 
 CALLS: list = []
 
 
-def _bump(request, *, model, layer=1, scale=1e-3):
-    """A test method: adds a fixed rank-one delta at ``layer`` (one request at a time)."""
+@dataclass
+class BumpHparams:
+    layers: Any = 1  # a layer spec, resolved by the registry like every method's
+    scale: float = 1e-3
+
+
+def _bump(lm, requests, hp, rt):
+    """A test method: adds a fixed rank-one delta at one layer (one request at a time)."""
+    (request,) = requests
+    if request.subject == "Otto" and hp.scale < 0:
+        raise EditFailedError("no")
     CALLS.append(request.subject)
+    (layer,), _ = locate.resolve_layers(lm, hp.layers, 1)
     g = torch.Generator().manual_seed(len(request.subject))
-    u, v = torch.randn(model.d_model, 1, generator=g), torch.randn(1, model.d_mlp, generator=g)
-    return Edit("bump", [request], [WeightDelta(layer, left=u * scale, right=v)], model.fingerprint, model.name)
+    u, v = torch.randn(lm.d_model, 1, generator=g), torch.randn(1, lm.d_mlp, generator=g)
+    return Edit("bump", [request], [WeightDelta(layer, left=u * hp.scale, right=v)], lm.fingerprint, lm.name)
 
 
-ev.register_method("bump", _bump, batched=False)
-ev.register_method("broken", "edit.no_such_module:fn", batched=True)
+register("bump", BumpHparams, batched=False, layers=1, description="test: a fixed rank-one delta")(_bump)
 
 
 @pytest.fixture(scope="module")
@@ -96,47 +109,47 @@ def test_resume_skips_done_cases(tiny_lm, tmp_path):
                       hparams={"scale": 2e-3})
 
 
-AUTO = {"layer": 1}  # what "auto" resolves to, as a calibration would say
-
-
-def _resolve(lm, spec):
-    return (AUTO["layer"] if spec == "auto" else lm.check_layer(spec)), f"layer from {spec!r}"
-
-
-ev.register_method("bump_auto", _bump, batched=False, layers=("layer", _resolve))
-
-
-def test_auto_layers_are_pinned_in_the_settings_and_guard_the_resume(tiny_lm, tmp_path):
+def test_auto_layers_are_pinned_in_the_settings_and_guard_the_resume(tiny_lm, tmp_path, monkeypatch):
     """A run records the layers "auto" resolved to; if "auto" later resolves elsewhere (a recomputed
     calibration), resuming fails instead of mixing layers in one table."""
-    AUTO["layer"] = 1
-    res = edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False)
+    peak = {"layer": 1}  # where the (stand-in) calibration says the MLP effect peaks
+
+    def profile(lm):
+        aie = [0.0] * lm.n_layers
+        aie[peak["layer"]] = 1.0
+        return LayerProfile(aie=__import__("numpy").array(aie), n_facts=1, source="test")
+
+    monkeypatch.setattr(locate.layers, "layer_profile", profile)
+    res = edit.evaluate("bump", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False,
+                        hparams={"layers": "auto"})
     assert [r["layers"] for r in res.records] == [[1], [1]]
     stored = json.loads((tmp_path / "settings.json").read_text())["settings"]
-    assert stored["hparams"]["layer"] == 1 and res.settings["layers_reason"] == "layer from 'auto'"
+    assert stored["hparams"]["layers"] == [1] and "layer 1" in res.settings["layers_reason"]
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     (tmp_path / "records.jsonl").write_text(lines[0] + "\n")
-    AUTO["layer"] = 0
+    peak["layer"] = 0
     ws = _weights(tiny_lm)
     with pytest.raises(LocateEditError, match="different settings"):
-        edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False)
+        edit.evaluate("bump", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False,
+                      hparams={"layers": "auto"})
     assert _same(tiny_lm, ws)
     CALLS.clear()  # the explicit layer the run was made with resumes it
-    res = edit.evaluate("bump_auto", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False,
-                        hparams={"layer": 1})
+    res = edit.evaluate("bump", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=False, progress=False,
+                        hparams={"layers": [1]})
     assert CALLS == ["Jean"] and [r["layers"] for r in res.records] == [[1], [1]]
-    AUTO["layer"] = 1
-    # the built-in resolvers: MEMIT's explicit layers come back checked and sorted
-    hp, why = ev.pin_layers(ev.get_method("memit"), tiny_lm, {"layers": [1, 0], "kl_factor": 0.1})
-    assert hp == {"layers": [0, 1], "kl_factor": 0.1} and "given explicitly" in why
+    # the registry's pinning: MEMIT's explicit layers come back checked and sorted
+    m = edit.get_method("memit")
+    hp, why = m.pin(tiny_lm, m.make_hparams({"layers": [1, 0], "kl_factor": 0.1}))
+    assert hp.layers == [0, 1] and hp.kl_factor == 0.1 and "chosen by the caller" in why
     with pytest.raises(LayerOutOfRangeError):
-        ev.pin_layers(ev.get_method("rome"), tiny_lm, {"layer": tiny_lm.n_layers})
+        m = edit.get_method("rome")
+        m.pin(tiny_lm, m.make_hparams({"layers": tiny_lm.n_layers}))
 
 
 def test_batch_mode(tiny_lm):
     ws = _weights(tiny_lm)
-    res = edit.evaluate("ft", _cases(), model=tiny_lm, mode="batch", batch_size=2, fluency=False, progress=False,
-                        hparams={"layer": 1, "steps": 3, "norm_constraint": None, "lr": 1e-2})
+    res = edit.evaluate("ft-l", _cases(), model=tiny_lm, mode="batch", batch_size=2, fluency=False, progress=False,
+                        hparams={"layers": 1, "steps": 3, "norm_constraint": None, "lr": 1e-2})
     assert _same(tiny_lm, ws)
     assert [r["n_requests_in_edit"] for r in res.records] == [2, 2, 1]
 
@@ -164,22 +177,17 @@ def test_sequential_failure_reverts_everything(tiny_lm):
     bad = _cases()
     bad[2] = Case(9, "handmade", [Request("{} lives in", "Otto", " Berlin")])
 
-    def boom(request, *, model):
-        if request.subject == "Otto":
-            raise EditFailedError("no")
-        return _bump(request, model=model)
-
-    ev.register_method("boom", boom, batched=False)
-    with pytest.raises(EditFailedError):
-        edit.evaluate("boom", bad, model=tiny_lm, mode="sequential", fluency=False, progress=False)
+    with pytest.raises(EditFailedError):  # a negative scale makes the test method fail on "Otto"
+        edit.evaluate("bump", bad, model=tiny_lm, mode="sequential", fluency=False, progress=False,
+                      hparams={"scale": -1e-3})
     assert _same(tiny_lm, ws)
 
 
 def test_method_errors(tiny_lm):
-    with pytest.raises(ev.MethodNotAvailableError, match="unknown editing method"):
+    with pytest.raises(MethodNotAvailableError, match="unknown editing method"):
         edit.evaluate("nope", _cases(), model=tiny_lm)
-    with pytest.raises(ev.MethodNotAvailableError, match="not available"):
-        edit.evaluate("broken", _cases(), model=tiny_lm)
+    with pytest.raises(edit.InvalidHparamsError, match="no hyperparameter"):
+        edit.evaluate("bump", _cases(), model=tiny_lm, hparams={"nope": 1})
     with pytest.raises(ValueError, match="mode"):
         edit.evaluate("none", _cases(), model=tiny_lm, mode="parallel")
     bad = [Case(0, "x", [Request("{} lives in", "Nobody", " Rome")], paraphrase_prompts=[])]
@@ -193,7 +201,7 @@ def test_ft_respects_the_linf_bound_and_leaves_model_unchanged(tiny_lm):
     req = Request("{} lives in the city of", "Marco", " New York City", " Paris")
     e = fine_tune(req, model=tiny_lm, layer=1, steps=5, lr=1e-2, norm_constraint=1e-3)
     assert _same(tiny_lm, ws)
-    assert e.method == "ft" and e.layers == [1]
+    assert e.method == "ft-l" and e.layers == [1]
     assert float(e.deltas[0].dense.abs().max()) <= 1e-3 + 1e-7
     free = fine_tune(req, model=tiny_lm, layer=1, steps=20, lr=1e-2, norm_constraint=None)
     assert free.loss_trace[-1] < free.loss_trace[0]  # unconstrained FT does learn the target
@@ -211,7 +219,7 @@ def test_measure_reports_time_and_memory():
 
 
 def test_layer_sweep_correlates_with_the_given_aie(tiny_lm, tmp_path):
-    from edit.sweep import LayerSweep, layer_sweep
+    from edit.eval.sweep import LayerSweep, layer_sweep
 
     sw = layer_sweep(_cases()[:2], method="bump", model=tiny_lm, aie=[0.1, 0.3], out=tmp_path, progress=False)
     assert sw.layers == [0, 1] and len(sw.metrics["es"]) == 2
@@ -223,7 +231,7 @@ def test_layer_sweep_correlates_with_the_given_aie(tiny_lm, tmp_path):
 def test_localization_regression_recovers_known_structure():
     """Regressions (1)-(3) on synthetic (case, layer) data where the answer is known."""
     import numpy as np
-    from edit.sweep import localization_regression
+    from edit.eval.sweep import localization_regression
 
     rng = np.random.default_rng(0)
     layer = np.repeat([0, 1, 2], 20)
@@ -243,8 +251,8 @@ def test_localization_regression_recovers_known_structure():
 
 def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monkeypatch):
     import numpy as np
-    from edit import sweep as sweep_mod
-    from edit.sweep import LayerSweep, layer_sweep
+    from edit.eval import sweep as sweep_mod
+    from edit.eval.sweep import LayerSweep, layer_sweep
 
     cases = _cases()[:2]
     with pytest.warns(UserWarning, match="knows none of the swept cases"):  # a random model knows nothing
@@ -285,7 +293,7 @@ def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monke
     def no_trace(*a, **k):
         raise AssertionError("traced again")
 
-    monkeypatch.setattr("locate.causal_trace.trace", no_trace)
+    monkeypatch.setattr(sweep_mod, "trace", no_trace)
     CALLS.clear()
     again = layer_sweep(cases, method="bump", model=tiny_lm, out=tmp_path, trace_window=1, progress=False)
     assert again.case_tracing == tr and CALLS == []
@@ -299,7 +307,7 @@ def test_layer_sweep_traces_its_own_cases_and_regresses(tiny_lm, tmp_path, monke
 
 
 def test_the_case_analysis_keeps_only_known_cases():
-    from edit.sweep import CaseTracing, analysed_cases, case_points
+    from edit.eval.sweep import CaseTracing, analysed_cases, case_points
 
     tr = CaseTracing(["a", "b", "c"], [[0.0, 1.0], [0.5, 0.2], [0.1, 0.9]], [" x"] * 3, [0.5] * 3, [0.1] * 3,
                      [False, True, True], [0.0] * 3, 3, 10, 0)
@@ -313,7 +321,7 @@ def test_the_case_analysis_keeps_only_known_cases():
 
 
 def test_known_cases_is_the_correctness_filter(lm, shared_data):
-    from edit.sweep import known_cases
+    from edit.eval.sweep import known_cases
 
     cases = edit.load_counterfact(shared_data / "counterfact/counterfact_dev_800.json", 60)
     known = known_cases(cases, lm)
@@ -327,7 +335,7 @@ def test_known_cases_is_the_correctness_filter(lm, shared_data):
 
 
 def test_layer_sweep_rejects_an_unknown_aie_before_editing(tiny_lm):
-    from edit.sweep import layer_sweep
+    from edit.eval.sweep import layer_sweep
 
     ws = _weights(tiny_lm)
     CALLS.clear()
@@ -342,7 +350,7 @@ def _synthetic_sweep(n_cases: int = 24, seed: int = 0):
     """Records at layers 0-2 where ES equals the profile for every case, PS is noisy, and the rewrite
     score is y = 0.2 l + 0.1 TE exactly (so regression (3) fits it perfectly), with a tracing of them."""
     import numpy as np
-    from edit.sweep import CaseTracing
+    from edit.eval.sweep import CaseTracing
 
     rng = np.random.default_rng(seed)
     layers, profile = [0, 1, 2], [0.1, 0.5, 0.9]
@@ -358,7 +366,7 @@ def _synthetic_sweep(n_cases: int = 24, seed: int = 0):
 
 def test_case_bootstrap_intervals_on_known_structure():
     """Case-bootstrap intervals where the answer is known: exact relations give point intervals."""
-    from edit.sweep import case_bootstrap, case_points, case_regression
+    from edit.eval.sweep import case_bootstrap, case_points, case_regression
 
     layers, records, ids, profile, tracing = _synthetic_sweep()
     iv = case_bootstrap(layers, records, ids, profile=profile, tracing=tracing, analysed=list(range(len(ids))),
@@ -391,7 +399,7 @@ def test_case_bootstrap_intervals_on_known_structure():
 
     matplotlib.use("Agg")
     import viz
-    from edit.sweep import LayerSweep
+    from edit.eval.sweep import LayerSweep
 
     sw = LayerSweep("rome", layers, {k: [sum(r[k] for r in rs) / len(rs) for rs in records] for k in ("es", "ps", "ns")},
                     profile, "given", {}, len(ids), "synthetic", intervals=iv)
@@ -404,7 +412,7 @@ def test_plots_draw(tiny_lm):
 
     matplotlib.use("Agg")
     import viz
-    from edit.sweep import LayerSweep
+    from edit.eval.sweep import LayerSweep
 
     single = edit.evaluate("bump", _cases()[:2], model=tiny_lm, fluency=False, progress=False)
     seq = edit.evaluate("bump", _cases(), model=tiny_lm, mode="sequential", checkpoints=[1, 2, 3], fluency=False,
@@ -418,7 +426,7 @@ def test_plots_draw(tiny_lm):
 
 
 def test_eval_cli_on_the_default_model(shared_data, tmp_path, capsys):
-    from locate.cli import main
+    from locate_edit.cli import main
 
     rc = main(["eval", "counterfact", "--method", "none", "--n", "1", "--no-fluency", "--data-dir", str(shared_data),
                "--out", str(tmp_path)])
@@ -430,25 +438,17 @@ def test_eval_cli_on_the_default_model(shared_data, tmp_path, capsys):
 
 def test_eval_cli_layer_sweep_on_the_default_model(shared_data, tmp_path, capsys):
     """--sweep traces the swept case itself, edits at each given layer, and saves both figures."""
-    from edit.sweep import LayerSweep
-    from locate.cli import main
+    from edit.eval.sweep import LayerSweep
+    from locate_edit.cli import main
 
-    rc = main(["eval", "counterfact", "--method", "ft", "--sweep", "--layers", "2,8", "--n", "1", "--no-fluency",
+    rc = main(["eval", "counterfact", "--method", "ft-l", "--sweep", "--layers", "2,8", "--n", "1", "--no-fluency",
                "--data-dir", str(shared_data), "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "corr(AIE, ES)" in out and "added by tracing" in out
-    sw = LayerSweep.load(tmp_path / "sweep_ft" / "sweep.json")
+    sw = LayerSweep.load(tmp_path / "sweep_ft-l" / "sweep.json")
     assert sw.layers == [2, 8] and len(sw.case_tracing["ie"][0]) == 30
-    assert (tmp_path / "sweep_ft.png").is_file() and (tmp_path / "sweep_ft_cases.png").is_file()
-
-
-def test_methods_that_apply_their_own_edit(tiny_lm):
-    """ROME returns its edit already applied; the harness must not apply it twice, and still revert it."""
-    ws = _weights(tiny_lm)
-    ev.register_method("self_applying", lambda request, *, model: _bump(request, model=model).apply(model), batched=False)
-    res = edit.evaluate("self_applying", _cases()[:2], model=tiny_lm, fluency=False, progress=False)
-    assert len(res.records) == 2 and _same(tiny_lm, ws)
+    assert (tmp_path / "sweep_ft-l.png").is_file() and (tmp_path / "sweep_ft_cases.png").is_file()
 
 
 def test_kn_edit_through_the_harness(tiny_lm):

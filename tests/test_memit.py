@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edit import Request
-from edit.memit import ConflictingRequestsError, MEMITHparams, check_requests, layer_update
+from edit.methods.memit import ConflictingRequestsError, MEMITHparams, check_conflicts as check_requests, layer_update
 
 
 def _direct(K, R, C, lam):
@@ -51,7 +51,7 @@ def test_lambda_default_scales_paper_value_with_key_width():
     assert hp.lam(16_384) == pytest.approx(15_000)
     assert hp.lam(1536) == pytest.approx(15_000 * 1536 / 16_384)
     assert MEMITHparams(mom2_update_weight=7.0).lam(1536) == 7.0
-    with pytest.raises(TypeError, match="unknown MEMIT hyperparameter"):
+    with pytest.raises(edit.InvalidHparamsError, match="no hyperparameter"):
         MEMITHparams.from_kwargs(mom2_weight=1)
 
 
@@ -80,7 +80,7 @@ def stats(lm, shared_data):
 
 @pytest.fixture(scope="module")
 def batch_edit(lm, stats):
-    from edit.memit import memit
+    from edit.methods.memit import memit
 
     before = {l: lm.mlp_out_weight(l).clone() for l in LAYERS}
     e = memit(REQUESTS, model=lm, layers=LAYERS, stats=stats, v_steps=12, progress=False)
@@ -113,7 +113,7 @@ def test_edit_round_trips_through_save(lm, batch_edit, tmp_path):
 
 
 def test_failure_midway_leaves_the_model_bit_identical(lm, stats):
-    from edit.memit import memit
+    from edit.methods.memit import memit
 
     before = {l: lm.mlp_out_weight(l).clone() for l in LAYERS}
     seen = []
@@ -132,22 +132,22 @@ def test_failure_midway_leaves_the_model_bit_identical(lm, stats):
 
 def test_bad_inputs_fail_before_any_work(lm, stats):
     from locate.errors import LayerOutOfRangeError
-    from edit.memit import memit
+    from edit.methods.memit import memit
 
     with pytest.raises(LayerOutOfRangeError):
         memit(REQUESTS, model=lm, layers=[5, 99], stats=stats)
     with pytest.raises(ConflictingRequestsError):
         memit(REQUESTS + [Request(REQUESTS[0].prompt, REQUESTS[0].subject, " Berlin")], model=lm, layers=LAYERS,
               stats=stats)
-    with pytest.raises(TypeError, match="unknown MEMIT hyperparameter"):
+    with pytest.raises(edit.InvalidHparamsError, match="no hyperparameter"):
         memit(REQUESTS, model=lm, layers=LAYERS, stats=stats, lamda=3)
 
 
 def test_request_files_and_cli_refusals(tmp_path, capsys):
     import json
 
-    from edit.memit import load_requests
-    from locate.cli import main
+    from edit.eval.datasets import DatasetNotFoundError, load_requests
+    from locate_edit.cli import main
 
     f = tmp_path / "reqs.json"
     f.write_text(json.dumps([{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
@@ -156,17 +156,19 @@ def test_request_files_and_cli_refusals(tmp_path, capsys):
                               "target_true": {"str": "French"}}}]))
     assert load_requests(f) == [Request("{} is located in the city of", "The Eiffel Tower", " Rome"),
                                 Request("The mother tongue of {} is", "Danielle Darrieux", " English", " French")]
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(DatasetNotFoundError, match="nope.json"):
         load_requests(tmp_path / "nope.json")
-    assert main(["edit", "--method", "rome", "--requests", str(f)]) == 2
-    assert "--requests needs --method memit" in capsys.readouterr().err
+    assert main(["edit", "--method", "nope", "--requests", str(f)]) == 2  # refused before the model loads
+    assert "unknown editing method 'nope'" in capsys.readouterr().err
+    assert main(["edit", "--method", "memit", "--requests", str(tmp_path / "missing.json")]) == 2
+    assert "requests file not found" in capsys.readouterr().err
 
 
 def test_layers_from_a_trace_and_a_profile(tokenizer):
     """layers= accepts a CausalTrace (its MLP row at the last subject token) and a LayerProfile."""
     import numpy as np
 
-    from edit.memit import resolve_layers
+    from edit.methods.memit import resolve_layers
     from locate.calibration import LayerProfile
     from locate.causal_trace import trace
     from locate.testing import tiny_model

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from edit.datasets import Case, Probe
-from edit.metrics import (
+from edit.eval.datasets import Case, Probe
+from edit.eval.metrics import (
     harmonic_mean,
     n_gram_entropy,
     n_gram_entropy_one,

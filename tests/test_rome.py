@@ -10,7 +10,7 @@ import torch
 
 import edit
 from edit import Edit, Request, rome
-from edit.rome import rank_one_update
+from edit.methods.rome import rank_one_update
 from edit.stats import key_second_moments
 from locate.errors import FingerprintMismatchError, SingularStatisticsError
 
@@ -27,7 +27,7 @@ def wiki_stats(lm, shared_data):
 
 @pytest.fixture(scope="module")
 def eiffel(lm, wiki_stats):
-    return rome(EIFFEL, model=lm, layer=LAYER, stats=wiki_stats, apply=False, progress=False, **FAST)
+    return rome(EIFFEL, model=lm, layer=LAYER, stats=wiki_stats, progress=False, **FAST)
 
 
 def _weights(lm):
@@ -83,7 +83,7 @@ def test_failures_leave_the_model_bit_identical(lm, wiki_stats, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["edit.rome"], "optimize_targets", interrupted)  # edit.rome is the function
+    monkeypatch.setattr(sys.modules["edit.methods.rome"], "optimize_targets", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rome(EIFFEL, model=lm, layer=LAYER, stats=wiki_stats, progress=False, **FAST)
     with pytest.raises(edit.InvalidRequestError):
@@ -118,4 +118,4 @@ def test_rome_runs_on_every_tiny_architecture(tiny):
         v = W @ e.k_star.double() + (0 if b is None else b.double())
         assert ((v - e.v_star.double()).norm() / e.v_star.double().norm()) < 1e-4
     finally:
-        e.revert()
+        pass

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from edit import Request
-from edit.evaluate import register_method
-from edit.sequential import _checkpoint_counts, sequential
+import edit
+from edit.eval.sequential import _checkpoint_counts, sequential
 
 
 def _weights(lm):
@@ -37,7 +37,6 @@ def _requests(lm, n):
 def test_100_sequential_rome_edits_revert_bit_exactly(lm, shared_data):
     """100 ROME edits, one after another, with cheap settings (1 v* step, 2 templates, small statistics):
     reverting the run restores every weight bit for bit."""
-    pytest.importorskip("edit.rome")
     from edit.stats import key_second_moments
 
     st = key_second_moments(lm, [5], corpus=shared_data / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw",
@@ -45,7 +44,8 @@ def test_100_sequential_rome_edits_revert_bit_exactly(lm, shared_data):
     ws = _weights(lm)
     seen = []
     run = sequential(_requests(lm, 100), "rome", batch_size=10, model=lm, checkpoints=[50, 100], progress=False,
-                     hparams={"layer": 5, "v_steps": 1, "template_lengths": ((5, 1),), "stats": st, "progress": False}, callback=lambda m, r: seen.append(r.n_edits) or r.n_edits)
+                     hparams={"layers": 5, "v_steps": 1, "template_lengths": ((5, 1),)}, runtime=edit.Runtime(stats=st),
+                     callback=lambda m, r: seen.append(r.n_edits) or r.n_edits)
     assert len(run.edits) == 100 and run.n_edits == 100
     assert seen == [50, 100] and [c.value for c in run.checkpoints] == [50, 100]
     assert not _same(lm, ws)
@@ -54,24 +54,24 @@ def test_100_sequential_rome_edits_revert_bit_exactly(lm, shared_data):
 
 
 def test_failure_midway_reverts_the_edits_made_so_far(lm):
+    from dataclasses import dataclass
+
     from edit.edit import Edit, WeightDelta
 
     calls = []
 
-    def fake(requests, *, model):  # a stand-in batched method: rank-1 nudge, fails on the third batch
+    @dataclass
+    class FakeHparams:
+        scale: float = 1e-3
+
+    def fake(lm_, requests, hp, rt):  # a stand-in batched method: rank-1 nudge, fails on the third batch
         calls.append(len(requests))
         if len(calls) == 3:
             raise RuntimeError("boom")
-        return Edit("fake", list(requests), [WeightDelta(2, left=torch.ones(lm.d_model, 1) * 1e-3,
-                                                          right=torch.ones(1, lm.d_mlp))], model.fingerprint)
+        return Edit("fake", list(requests), [WeightDelta(2, left=torch.ones(lm.d_model, 1) * hp.scale,
+                                                          right=torch.ones(1, lm.d_mlp))], lm_.fingerprint)
 
-    import sys
-    import types
-
-    mod = types.ModuleType("_fake_method")
-    mod.fake = fake
-    sys.modules["_fake_method"] = mod
-    register_method("_fake", "_fake_method:fake", batched=True)
+    edit.register("_fake", FakeHparams, batched=True, layers=None, description="test stand-in")(fake)
     ws = _weights(lm)
     with pytest.raises(RuntimeError, match="boom"):
         sequential(_requests(lm, 10), "_fake", batch_size=4, model=lm, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 
 
 def neuron_heatmap(kn, top: int = 10, *, layers=None):
@@ -13,7 +14,6 @@ def neuron_heatmap(kn, top: int = 10, *, layers=None):
     refined knowledge neurons marked with a dot and their index); right, the total positive
     attribution per layer as bars (knowledge-neuron layers highlighted).
     """
-    import seaborn as sns
 
     maps = kn.layer_maps.float().numpy()  # (n_layers, d_mlp)
     n_layers = maps.shape[0]

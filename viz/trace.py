@@ -5,6 +5,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from locate.causal_trace import TOKEN_GROUPS
+
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "restored MLP", "attn": "restored attention"}
 
@@ -48,7 +50,6 @@ def trace_heatmaps(trace, *, save: str | None = None):
 
 def aie_plot(result, *, style: str = "heatmap", save: str | None = None):
     """AIE per token group and layer for each kind (an :class:`locate.causal_trace.AIEResult`)."""
-    from locate.causal_trace import TOKEN_GROUPS
 
     kinds = list(result.kinds)
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.2), squeeze=False)

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from locate import capture_at, resolve_layers
 from locate.errors import EditFailedError, SingularStatisticsError
 
-from ..context import context_templates, subject_keys, subject_last_token
+from ..context import subject_keys, subject_last_token, templates_for
 from ..edit import Edit, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import InvalidRequestError, Request
@@ -72,13 +72,12 @@ class ConflictingRequestsError(InvalidRequestError):
 
 
 @dataclass
-class MEMITHparams:
-    """MEMIT hyperparameters (the paper's GPT-J settings, scaled as the module docstring says). The
-    ``v_*`` ones configure the z optimisation (step 1, :func:`edit.vstar.optimize_targets`)."""
+class WindowHparams:
+    """What MEMIT and the methods built on its two steps share: the critical window, the statistics,
+    the templates and the z optimisation (step 1, :func:`edit.vstar.optimize_targets`, the ``v_*``)."""
 
     layers: Any = "auto"  # layer spec (locate.resolve_layers); "auto" = the n_layers window of largest MLP effect
     n_layers: int = 5  # size of the critical window when layers is "auto", a trace or a profile (paper: 5-6)
-    mom2_update_weight: float | None = None  # λ; None = 15,000 · d_mlp / 16,384 (see the module docstring)
     chunk_size: int = 16  # requests per batched z optimisation (keys and h^L go 4× wider: no logits there)
     stats_tokens: int = DEFAULT_N_TOKENS  # corpus tokens for each C_l (edit.stats)
     # context templates: MEMIT's code uses "{}" plus 5 sampled prefixes of 10 tokens (ROME used 20)
@@ -95,19 +94,29 @@ class MEMITHparams:
     def __post_init__(self):
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
-        if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
-            raise ValueError(f"mom2_update_weight must be non-negative, got {self.mom2_update_weight}")
         self.template_lengths = tuple(tuple(x) for x in self.template_lengths)
-
-    def lam(self, d_mlp: int) -> float:
-        if self.mom2_update_weight is not None:
-            return float(self.mom2_update_weight)
-        return PAPER_LAMBDA * d_mlp / PAPER_D_MLP
 
     def vstar_kwargs(self) -> dict:
         names = {"v_steps": "steps", "v_lr": "lr", "v_weight_decay": "weight_decay", "v_stop_loss": "stop_loss",
                  "clamp_norm_factor": "clamp_norm_factor", "kl_factor": "kl_factor"}
         return {v: getattr(self, k) for k, v in names.items() if getattr(self, k) is not None}
+
+
+@dataclass
+class MEMITHparams(WindowHparams):
+    """MEMIT hyperparameters (the paper's GPT-J settings, scaled as the module docstring says)."""
+
+    mom2_update_weight: float | None = None  # λ; None = 15,000 · d_mlp / 16,384 (see the module docstring)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
+            raise ValueError(f"mom2_update_weight must be non-negative, got {self.mom2_update_weight}")
+
+    def lam(self, d_mlp: int) -> float:
+        if self.mom2_update_weight is not None:
+            return float(self.mom2_update_weight)
+        return PAPER_LAMBDA * d_mlp / PAPER_D_MLP
 
 
 # --------------------------------------------------------------------------- the update (eq. 14)
@@ -182,7 +191,7 @@ def subject_residuals(lm, requests: Sequence[Request], layer: int, *, chunk_size
 
 
 # --------------------------------------------------------------------------- the two steps
-def memit_targets(lm, requests: Sequence[Request], L: int, templates: Sequence[str], hp: MEMITHparams,
+def memit_targets(lm, requests: Sequence[Request], L: int, templates: Sequence[str], hp: WindowHparams,
                   rt: Runtime) -> tuple[torch.Tensor, list, list[float]]:
     """Step 1 (eq. 16): the target block-L outputs z_i, (B, d_model) float64, optimised chunk by chunk
     (independent δ's, summed losses); also the loss trace per chunk and each request's final loss."""
@@ -252,9 +261,9 @@ def compute_memit(lm, requests: list[Request], hp: MEMITHparams, rt: Runtime) ->
     requests = check_conflicts(requests, lm)
     layers, reason = resolve_layers(lm, hp.layers, hp.n_layers)
     lam = hp.lam(lm.d_mlp)
-    stats = stats_for(lm, layers, stats=rt.stats, corpus=rt.corpus, n_tokens=hp.stats_tokens, progress=rt.progress)
+    stats = stats_for(lm, layers, rt, n_tokens=hp.stats_tokens)
     timings = {"stats_s": time.perf_counter() - t0}
-    templates = context_templates(lm, seed=rt.seed, lengths=hp.template_lengths)
+    templates = templates_for(lm, rt, hp.template_lengths)
 
     t1 = time.perf_counter()
     z, loss_trace, final_losses = memit_targets(lm, requests, layers[-1], templates, hp, rt)

@@ -38,7 +38,7 @@ from locate import resolve_layers
 from locate.errors import EditFailedError
 from locate.hooks import capture_at
 
-from ..context import ROME_TEMPLATE_LENGTHS, context_templates, subject_keys, subject_last_token
+from ..context import ROME_TEMPLATE_LENGTHS, subject_keys, subject_last_token, templates_for
 from ..edit import Edit, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import Request
@@ -96,12 +96,12 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
     t_all = t = time.perf_counter()
 
     # C = E[k kᵀ] at this layer (cached on disk per model, layer and corpus)
-    st = stats_for(lm, [layer], stats=rt.stats, corpus=rt.corpus, n_tokens=hp.stats_tokens, progress=rt.progress)[layer]
+    st = stats_for(lm, [layer], rt, n_tokens=hp.stats_tokens)[layer]
     timings["stats_s"] = time.perf_counter() - t
 
     # context templates x_j: "{}" plus short prefixes the model writes itself
     t = time.perf_counter()
-    templates = context_templates(lm, seed=rt.seed, lengths=hp.template_lengths)
+    templates = templates_for(lm, rt, hp.template_lengths)
     timings["templates_s"] = time.perf_counter() - t
 
     # k* (eq. 3): the key at the subject's last token, averaged over the templates

@@ -1,0 +1,61 @@
+"""What several subcommands share: model arguments, where data lives, checking paths before a model loads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import locate
+from edit.eval.datasets import DatasetNotFoundError
+
+# The corpus for key statistics when --corpus is not given (the repo's shared data), if present.
+_SHARED_WIKITEXT = Path("wikitext") / "wikitext-2-raw" / "wiki.valid.raw"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--device``, shared by every subcommand that runs a model."""
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face name or local directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def load_model(args) -> locate.HookedLM:
+    return locate.load_model(getattr(args, "model", None), device=getattr(args, "device", None))
+
+
+def find_data_dir(given: str | None = None) -> Path:
+    """``--data-dir``, else ``$LOCATE_EDIT_DATA``, else ``./shared/data`` or ``../shared/data``."""
+    cands = [Path(given)] if given else [Path(p) for p in filter(None, [os.environ.get("LOCATE_EDIT_DATA")])] + [
+        Path("shared/data"), Path("../shared/data")]
+    for c in cands:
+        if c.is_dir():
+            return c
+    raise DatasetNotFoundError(f"no data directory found (looked in {', '.join(map(str, cands))}); "
+                               "pass --data-dir or set LOCATE_EDIT_DATA")
+
+
+def default_corpus() -> Path | None:
+    """wikitext-2 from a ``shared/data`` directory next to the working directory or the package, if any;
+    ``None`` otherwise (the statistics then fall back to text sampled from the model, and say so)."""
+    here = Path(__file__).resolve().parents[2]
+    for root in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", here.parent / "shared" / "data"):
+        if (root / _SHARED_WIKITEXT).is_file():
+            return root / _SHARED_WIKITEXT
+    return None
+
+
+def existing_file(path: str | None, what: str) -> Path | None:
+    """``path`` as a Path, checked before any model is loaded."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+def print_top(lm, prompt: str, title: str, k: int = 5) -> None:
+    print(f"{title} {prompt!r}:")
+    for tp in lm.predict(prompt, k):
+        print(f"  {tp.token!r:>14}  {tp.prob:.4f}")
