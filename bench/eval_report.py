@@ -69,7 +69,9 @@ def main(argv=None) -> int:
     import edit
     import locate
     import viz
-    from edit.eval.harness import MethodNotAvailableError, format_table, get_method
+    from edit.eval.harness import format_table
+    from edit.registry import get_method
+    from locate.errors import MethodNotAvailableError
     from edit.eval.sweep import layer_sweep
 
     out = Path(args.out)
@@ -96,28 +98,23 @@ def main(argv=None) -> int:
     say(f"model {lm.name} (fingerprint {lm.fingerprint}), {lm.n_layers} layers, device {lm.device}, "
         f"torch {torch.__version__}, {platform.machine()} with {os.cpu_count()} CPUs, threads {torch.get_num_threads()}")
     say(f"methods run: {available}; not installed: {skipped or 'none'}")
-    kw = dict(model=lm, gen_length=args.gen_length)
-    ft_layer = args.ft_layer
-
     corpus = str(Path(args.corpus) if args.corpus else data / "wikitext/wikitext-2-raw/wiki.valid.raw")
-    say(f"key statistics for ROME/MEMIT from {corpus}")
+    kw = dict(model=lm, gen_length=args.gen_length, corpus=corpus)
+    ft_layer = args.ft_layer
+    say(f"key statistics from {corpus}")
+    layer_flags = {"rome": args.rome_layer,
+                   "memit": [int(x) for x in args.memit_layers.split(",")] if args.memit_layers else None}
 
     def hp(m):
-        if m == "ft":
-            return {"layer": ft_layer} if ft_layer is not None else {}
-        if m == "rome":
-            return {"corpus": corpus, "progress": False, **({} if args.rome_layer is None else {"layer": args.rome_layer})}
-        if m == "memit":
-            return {"corpus": corpus, "progress": False,
-                    **({"layers": [int(x) for x in args.memit_layers.split(",")]} if args.memit_layers else {})}
-        return {}
+        spec = ft_layer if m == "ft-l" else layer_flags.get(m)
+        return {} if spec is None else {"layers": spec}
 
     if "cf" in sections:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_cf)
         runs = []
-        order = sorted(available, key=lambda m: m == "ft")  # FT-L last: it takes ROME's layer
+        order = sorted(available, key=lambda m: m == "ft-l")  # FT-L last: it takes ROME's layer
         for m in order:
-            if m == "ft" and ft_layer is None:
+            if m == "ft-l" and ft_layer is None:
                 rome_runs = [r for r in runs if r.method == "rome"]
                 if rome_runs:
                     layers = Counter(l for rec in rome_runs[0].records for l in rec.get("layers", []))
@@ -138,7 +135,7 @@ def main(argv=None) -> int:
         """Every available method on ``cases`` in single mode, without fluency, into OUT/<prefix>_<method>."""
         runs = []
         for m in available:
-            if m == "ft" and ft_layer is None:
+            if m == "ft-l" and ft_layer is None:
                 continue
             t = time.perf_counter()
             runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"{prefix}_{m}", **kw))

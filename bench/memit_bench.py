@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     for n in args.sizes:
         cases = cases_for(n, args.data)
         reqs = [c.request for c in cases]
-        from edit.methods.memit import resolve_layers
+        from locate import resolve_layers
 
-        L, _ = resolve_layers(lm, layers)
+        L, _ = resolve_layers(lm, layers, 5)
         stats = key_second_moments(lm, L, corpus=corpus, n_tokens=args.stats_tokens, progress=False)
         with Measure(lm.device) as meas:
             e = memit(reqs, model=lm, layers=L, stats=stats, v_steps=args.v_steps, chunk_size=args.chunk_size)

@@ -23,7 +23,7 @@ import torch
 import edit
 import locate
 from edit.eval.metrics import prob, teacher_forced
-from edit.methods.rome import resolve_layer
+from locate import resolve_layers
 from edit.stats import key_second_moments
 
 DATA = Path(os.environ.get("LOCATE_EDIT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -50,7 +50,7 @@ def main() -> None:
     lm = locate.default_model()
     corpus = DATA / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"
     cases = edit.load_counterfact(DATA / "counterfact" / "counterfact_dev_800.json", n=args.n)
-    layer, reason = resolve_layer(lm, args.layer if args.layer == "auto" else int(args.layer))
+    (layer,), reason = resolve_layers(lm, args.layer if args.layer == "auto" else int(args.layer), 1)
     hp = {"key": args.key}
     if args.fast:
         hp["template_lengths"] = ((10, 5),)

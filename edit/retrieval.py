@@ -12,7 +12,7 @@ Pooling with ``pooling_mode_mean_tokens`` → Normalize; ``sentence_bert_config.
 carries a checksum of its data and one that fails it is recomputed with a
 :class:`locate.loading.CacheRebuiltWarning`.
 
-:func:`find_data_dir` finds the project's data directory (demonstration pools live there).
+(the data directory is found by :func:`edit.eval.datasets.find_data_dir`).
 """
 
 from __future__ import annotations
@@ -154,22 +154,3 @@ def cached_embeddings(texts: Sequence[str], encoder: SentenceEncoder | None = No
     tmp.replace(path)
     return emb
 
-
-# ---------------------------------------------------------------------- data directory
-def find_data_dir(given: str | Path | None = None) -> Path:
-    """``given``, else ``$LOCATE_EDIT_DATA``, else ``./shared/data``, ``../shared/data`` or the
-    ``shared/data`` beside this checkout. Raises :class:`edit.eval.DatasetNotFoundError` naming where
-    it looked."""
-    from .eval.datasets import DatasetNotFoundError
-
-    if given is not None:
-        cands = [Path(given).expanduser()]
-    else:
-        env = os.environ.get("LOCATE_EDIT_DATA")
-        cands = ([Path(env).expanduser()] if env else []) + [
-            Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for c in cands:
-        if c.is_dir():
-            return c
-    raise DatasetNotFoundError(f"no data directory found (looked in {', '.join(map(str, cands))}); "
-                               "pass Runtime(data_dir=...) or set LOCATE_EDIT_DATA")

@@ -28,7 +28,7 @@ import torch
 import transformers
 from importlib.metadata import version
 
-from .errors import CacheCorruptedError, ModelNotFoundError
+from .errors import CacheCorruptedError, ModelNotFoundError, UnsupportedArchitectureError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -227,8 +227,6 @@ def load_hf(name_or_path: str, dtype: torch.dtype = torch.float32, device: str |
         tok = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
     except (OSError, ValueError) as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
-            from .errors import UnsupportedArchitectureError
-
             raise UnsupportedArchitectureError(f"transformers cannot load {name_or_path!r}: {e}") from e
         raise ModelNotFoundError(
             f"Could not load model {name_or_path!r}: it is neither a local model directory nor in the local "

@@ -211,3 +211,14 @@ def test_an_eval_record_that_is_also_in_the_train_file_is_never_a_demo(shared_da
     easy = edit.compute("ike", case.request, model=lm, runtime=rt,
                         hparams={"k": 4, "holdout": (), "exclude_subject": False, "order": "easyedit"})
     assert easy.metrics["demo_case_ids"] == leak.metrics["demo_case_ids"][::-1]
+
+
+def test_the_harness_scores_ike_through_the_prefix(shared_data, tokenizer):
+    from locate.testing import tiny_model
+
+    lm = tiny_model("gpt2", tokenizer)
+    before = _params(lm)
+    cases = edit.load_counterfact(shared_data / DEV, n=1)
+    res = edit.evaluate("ike", cases, model=lm, hparams=SMOKE, fluency=False, progress=False, data_dir=shared_data)
+    assert {"es", "ps", "ns"} <= set(res.aggregates), res.aggregates
+    assert lm.applied_edits == [] and _same(lm, before)

@@ -23,6 +23,7 @@ the edit writes ``alt`` and ``answers[0]`` is the fact it replaces (the ROME cod
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,20 @@ def load_requests(path) -> list[Request]:
         else:
             raise DatasetError(f"{path}, item {i}: needs prompt, subject and target_new (or requested_rewrite)")
     return out
+
+
+def find_data_dir(given: str | Path | None = None) -> Path:
+    """``given``, else ``$LOCATE_EDIT_DATA``, else ``./shared/data``, ``../shared/data`` or the
+    ``shared/data`` beside this checkout. Raises :class:`edit.eval.DatasetNotFoundError` naming where
+    it looked."""
+    if given is not None:
+        cands = [Path(given).expanduser()]
+    else:
+        env = os.environ.get("LOCATE_EDIT_DATA")
+        cands = ([Path(env).expanduser()] if env else []) + [
+            Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[3] / "shared" / "data"]
+    for c in cands:
+        if c.is_dir():
+            return c
+    raise DatasetNotFoundError(f"no data directory found (looked in {', '.join(map(str, cands))}); "
+                               "pass Runtime(data_dir=...) or set LOCATE_EDIT_DATA")

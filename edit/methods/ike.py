@@ -53,7 +53,7 @@ shares 32 case_ids with the train file) and records about the request's own subj
 hand its paraphrase and neighbourhood answers to the model.
 
 Data. The pool and holdout files are read from ``Runtime.data_dir``, else ``$LOCATE_EDIT_DATA``, else
-``./shared/data`` or ``../shared/data`` (:func:`edit.retrieval.find_data_dir`).
+``./shared/data`` or ``../shared/data`` (:func:`edit.eval.datasets.find_data_dir`).
 
 One fact per edit (``batched=False``). Applying several IKE edits concatenates their prefixes, newest
 outermost: the text then holds one "New Fact: ... Prompt: " block inside another, which is not the
@@ -73,9 +73,10 @@ import torch
 from locate.errors import EditFailedError
 
 from ..edit import Edit, PrefixText
+from ..eval.datasets import DatasetNotFoundError, find_data_dir, load_counterfact_easyedit
 from ..registry import Runtime, register
 from ..request import Request
-from ..retrieval import SentenceEncoder, cached_embeddings, find_data_dir
+from ..retrieval import SentenceEncoder, cached_embeddings
 
 TYPES = ("copy", "update", "retain")
 
@@ -155,8 +156,6 @@ class Pool:
 
 def load_pool(hp: IKEHparams, rt: Runtime) -> Pool:
     """The pool of ``hp`` (memoised in ``rt.cache``; embeddings cached on disk by :mod:`edit.retrieval`)."""
-    from ..eval.datasets import DatasetNotFoundError, load_counterfact_easyedit
-
     data_dir = find_data_dir(rt.data_dir)
     path = data_dir / hp.pool
     key = ("ike.pool", str(path.resolve()), hp.max_pool, hp.holdout)

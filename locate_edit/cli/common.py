@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import locate
-from edit.eval.datasets import DatasetNotFoundError
+from edit.eval.datasets import DatasetNotFoundError, find_data_dir  # noqa: F401  (re-exported for the subcommands)
 
 # The corpus for key statistics when --corpus is not given (the repo's shared data), if present.
 _SHARED_WIKITEXT = Path("wikitext") / "wikitext-2-raw" / "wiki.valid.raw"
@@ -22,17 +21,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args) -> locate.HookedLM:
     return locate.load_model(getattr(args, "model", None), device=getattr(args, "device", None))
-
-
-def find_data_dir(given: str | None = None) -> Path:
-    """``--data-dir``, else ``$LOCATE_EDIT_DATA``, else ``./shared/data`` or ``../shared/data``."""
-    cands = [Path(given)] if given else [Path(p) for p in filter(None, [os.environ.get("LOCATE_EDIT_DATA")])] + [
-        Path("shared/data"), Path("../shared/data")]
-    for c in cands:
-        if c.is_dir():
-            return c
-    raise DatasetNotFoundError(f"no data directory found (looked in {', '.join(map(str, cands))}); "
-                               "pass --data-dir or set LOCATE_EDIT_DATA")
 
 
 def default_corpus() -> Path | None:
