@@ -8,7 +8,7 @@ metrics, harness, sequential editing, layer sweep).
 
 from .request import InvalidRequestError, Request  # noqa: F401
 from .edit import Edit, HookModule, InputTransform, PrefixText, WeightDelta, applied  # noqa: F401
-from locate.errors import EditStateError, InvalidHparamsError, MethodNotAvailableError  # noqa: F401
+from locate.errors import EditStateError, InvalidHparamsError, LayerSpecError, MethodNotAvailableError  # noqa: F401
 from . import registry
 from .registry import EditMethod, Runtime, compute, get_method, methods, register, write  # noqa: F401
 from .stats import KeyStats, key_second_moments  # noqa: F401
@@ -19,6 +19,9 @@ from .methods.rome import ROMEHparams, rome  # noqa: F401
 from .methods.memit import ConflictingRequestsError, MEMITHparams, memit  # noqa: F401
 from .methods.ft import FTLHparams, fine_tune, ft  # noqa: F401
 from .methods.kn import kn_erase, kn_update  # noqa: F401
+from .methods.alphaedit import AlphaEditHparams  # noqa: F401
+from .methods.grace import GRACEHparams, grace, grace_without  # noqa: F401
+from .methods.ike import IKEHparams  # noqa: F401
 from .eval import (  # noqa: F401
     Case,
     DatasetError,

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def derived_cache_key(lm) -> str:
         tl = version("transformer-lens")
     except Exception:  # noqa: BLE001 - an uninstalled metadata entry: the digest still covers the rest
         tl = "unknown"
-    libs = f"torch {torch.__version__}, transformers {transformers.__version__}, transformer-lens {tl}"
+    tf = sys.modules.get("transformers", transformers)  # the module as imported now (the package swaps its lazy module)
+    libs = f"torch {torch.__version__}, transformers {tf.__version__}, transformer-lens {tl}"
     return f"{lm.state_fingerprint}-{hashlib.sha256(libs.encode()).hexdigest()[:8]}"
 
 

@@ -448,7 +448,7 @@ def test_eval_cli_layer_sweep_on_the_default_model(shared_data, tmp_path, capsys
     assert "corr(AIE, ES)" in out and "added by tracing" in out
     sw = LayerSweep.load(tmp_path / "sweep_ft-l" / "sweep.json")
     assert sw.layers == [2, 8] and len(sw.case_tracing["ie"][0]) == 30
-    assert (tmp_path / "sweep_ft-l.png").is_file() and (tmp_path / "sweep_ft_cases.png").is_file()
+    assert (tmp_path / "sweep_ft-l.png").is_file() and (tmp_path / "sweep_ft-l_cases.png").is_file()
 
 
 def test_kn_edit_through_the_harness(tiny_lm):

@@ -109,7 +109,9 @@ def test_demo_types_follow_the_papers_proportions():
     assert sorted(demo_types(4, (1, 3, 4), random.Random(0))) == ["copy", "retain", "retain", "update"]
     assert demo_types(0, (1, 3, 4), random.Random(0)) == []
     m = edit.get_method("ike")
-    assert m.layers is None and not m.batched
+    assert m.layers is None and not m.batched and m.hparams is IKEHparams
+    hp = IKEHparams()
+    assert (hp.k, hp.order, hp.proportions, hp.max_pool) == (32, "paper", (1, 3, 4), None)  # the paper's
     for bad in ({"order": "random"}, {"k": -1}, {"proportions": (1, 2)}, {"max_pool": 0}):
         with pytest.raises(InvalidHparamsError):
             m.make_hparams(bad)

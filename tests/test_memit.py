@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import edit
 from edit import Request
 from edit.methods.memit import ConflictingRequestsError, MEMITHparams, check_conflicts as check_requests, layer_update
 
@@ -52,7 +53,7 @@ def test_lambda_default_scales_paper_value_with_key_width():
     assert hp.lam(1536) == pytest.approx(15_000 * 1536 / 16_384)
     assert MEMITHparams(mom2_update_weight=7.0).lam(1536) == 7.0
     with pytest.raises(edit.InvalidHparamsError, match="no hyperparameter"):
-        MEMITHparams.from_kwargs(mom2_weight=1)
+        edit.get_method("memit").make_hparams({"mom2_weight": 1})
 
 
 def test_conflicting_requests_are_refused_with_their_names(lm):
@@ -168,7 +169,7 @@ def test_layers_from_a_trace_and_a_profile(tokenizer):
     """layers= accepts a CausalTrace (its MLP row at the last subject token) and a LayerProfile."""
     import numpy as np
 
-    from edit.methods.memit import resolve_layers
+    from locate import resolve_layers
     from locate.calibration import LayerProfile
     from locate.causal_trace import trace
     from locate.testing import tiny_model
@@ -177,9 +178,9 @@ def test_layers_from_a_trace_and_a_profile(tokenizer):
     tr = trace("The Eiffel Tower is located in", "Eiffel Tower", model=m, kinds=("mlp",), samples=2, window=2)
     row = tr.ie("mlp")[tr.token_index("last_subject")]
     best = max(range(5), key=lambda i: row[i] + row[i + 1])
-    layers, reason = resolve_layers(m, tr, n_layers=2)
+    layers, reason = resolve_layers(m, tr, 2)
     assert layers == [best, best + 1] and "trace" in reason
     prof = LayerProfile(aie=np.array([0, 0, 0.1, 0.9, 0.8, 0]), n_facts=3, source="test")
-    assert resolve_layers(m, prof, n_layers=2)[0] == [3, 4]
-    with pytest.raises(TypeError):
+    assert resolve_layers(m, prof, 2)[0] == [3, 4]
+    with pytest.raises(edit.LayerSpecError):
         resolve_layers(m, object())

@@ -111,11 +111,11 @@ def test_rome_runs_on_every_tiny_architecture(tiny):
                                cache=False)
     subject = "The cat"
     e = rome(Request("{} sat on the", subject, " mat"), model=tiny, layer=0, stats=stats, progress=False,
-             template_lengths=((4, 5),), v_steps=3)
+             template_lengths=((4, 5),), v_steps=3).apply(tiny)
     try:
         W = tiny.mlp_out_weight(0).double()
         b = tiny.mlp_out_bias(0)
         v = W @ e.k_star.double() + (0 if b is None else b.double())
         assert ((v - e.v_star.double()).norm() / e.v_star.double().norm()) < 1e-4
     finally:
-        pass
+        e.revert()

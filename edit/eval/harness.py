@@ -49,7 +49,8 @@ from locate.errors import LocateEditError
 from ..edit import Edit
 from ..registry import EditMethod, Runtime, get_method, write
 from .datasets import Case
-from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, reference_predictions, score_case
+from ..stats import token_stream
+from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, perplexity, reference_predictions, score_case
 from .sequential import sequential
 
 MODES = ("single", "batch", "sequential")
@@ -171,7 +172,7 @@ COLUMNS = [
     ("EM", "em", 100), ("PM", "pm", 100), ("NM", "nm", 100),
     ("Rel.", "rewrite_acc", 100), ("Gen.", "paraphrase_acc", 100), ("Loc.", "locality", 100),
     ("Port.", "portability", 100), ("Flu.", "fluency", 1),
-    ("s/edit", "edit_seconds", 1), ("MB", "peak_memory_mb", 1),
+    ("PPL", "perplexity", 1), ("s/edit", "edit_seconds", 1), ("MB", "peak_memory_mb", 1),
 ]
 
 
@@ -256,7 +257,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
              batch_size: int = 10, checkpoints: Sequence[int] | None = None, out: str | Path | None = None,
              resume: bool = True, fluency: bool | int = True, gen_length: int = 100, normalize: str = "sum",
              seed: int = 0, progress: bool = True, corpus=None, stats: dict | None = None,
-             data_dir: str | Path | None = None) -> Results:
+             data_dir: str | Path | None = None, perplexity_corpus=None, perplexity_tokens: int = 20_000) -> Results:
     """Edit with ``method`` (a registered name, or ``"none"``) and score, over ``cases``. See the module
     docstring for the modes.
 
@@ -267,7 +268,10 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     edit counts at which sequential mode scores (default 1, 10, 50, 100, 200, ... up to the number of
     cases). ``fluency``: sample generations for the fluency score (the slow part; ``gen_length``
     tokens per text); an int k scores fluency on the first k cases only. ``normalize``: ``"sum"`` (P of
-    the whole target) or ``"mean"`` (the ROME code's per-token mean) for the probability comparisons."""
+    the whole target) or ``"mean"`` (the ROME code's per-token mean) for the probability comparisons.
+    ``perplexity_corpus``: in sequential mode, the perplexity of its first ``perplexity_tokens`` tokens
+    (e.g. WikiText-2 test) is measured before any edit and at every checkpoint (``curve[n]["perplexity"]``,
+    ``curve[0]`` for the unedited model), a general-ability check."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cases = list(cases)
@@ -291,6 +295,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         if checkpoints[0] < 1 or checkpoints[-1] > len(cases):
             raise ValueError(f"checkpoints must lie in 1..{len(cases)}, got {checkpoints}")
         settings["checkpoints"] = checkpoints
+        if perplexity_corpus is not None:
+            settings["perplexity"] = {"corpus": str(perplexity_corpus), "tokens": perplexity_tokens}
     store = _Store(out, settings, resume)
     if layers_reason:
         settings["layers_reason"] = layers_reason  # reported, not part of the resume key
@@ -340,8 +346,9 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                             e.revert(lm)
             aggregates = aggregate(records)
         else:
+            ppl_tokens = None if perplexity_corpus is None else token_stream(lm, perplexity_corpus, perplexity_tokens)[0]
             records, curve = _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency,
-                                              score_kw, progress)
+                                              score_kw, progress, ppl_tokens)
             aggregates = curve[checkpoints[-1]] if checkpoints[-1] in curve else {}
     res = Results(method, mode, cases[0].dataset, lm.name, lm.state_fingerprint, settings, records, aggregates, curve)
     if store.dir is not None:
@@ -350,7 +357,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     return res
 
 
-def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress):
+def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress,
+                     ppl_tokens=None):
     """Edits accumulate case after case (through :func:`edit.eval.sequential.sequential`, each case's
     requests one batch); at each checkpoint every case edited so far is scored. With an output
     directory each case's edits are saved and re-applied on resume."""
@@ -373,6 +381,16 @@ def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, wit
         store.add({"key": f"cost/{cases[b].case_id}", "case_id": cases[b].case_id, "cost": True,
                    "edit_seconds": seconds / len(cases[b].requests) if new else None, "peak_memory_mb": None})
 
+    def ppl(n) -> float | None:
+        if ppl_tokens is None:
+            return None
+        if f"ppl/{n}" not in store.done:
+            store.add({"key": f"ppl/{n}", "n_edits": n, "perplexity": perplexity(lm, ppl_tokens)})
+        return store.done[f"ppl/{n}"]["perplexity"]
+
+    if ppl_tokens is not None:
+        curve[0] = {"perplexity": ppl(0), "n_cases": 0}
+
     def score(lm_, run):
         n = run.n_batches
         if n not in checkpoints:
@@ -390,6 +408,8 @@ def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, wit
         vals = [x["edit_seconds"] for x in costs if x.get("edit_seconds") is not None]
         if vals:
             agg["edit_seconds"] = sum(vals) / len(vals)
+        if ppl_tokens is not None:
+            agg["perplexity"] = ppl(n)
         curve[n] = agg
         records.extend(cp_records)
         return n

@@ -321,3 +321,22 @@ def _ranks(v: np.ndarray) -> np.ndarray:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return pearson(_ranks(x), _ranks(y))
+
+
+@torch.no_grad()
+def perplexity(lm, tokens: torch.Tensor, *, seq_len: int = 512, batch_size: int = 4) -> float:
+    """Perplexity exp(mean NLL) of a token stream, cut into windows of ``seq_len`` tokens (each window
+    scored on its own, no overlap), as a general-ability check on the model as it is (edits applied).
+    ``tokens``: 1-D ids (e.g. :func:`edit.stats.token_stream` of WikiText-2 test). Input transforms of
+    applied edits are not placed before the windows: this measures the weights and hooks."""
+    windows = [w for w in tokens.reshape(-1).split(seq_len) if len(w) > 1]
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = lm.pad([w.tolist() for w in windows[i: i + batch_size]])
+        logp = lm.forward(batch).float().log_softmax(-1)
+        tgt = batch.ids[:, 1:]
+        mask = batch.attention_mask[:, 1:].bool()
+        nll = -logp[:, :-1].gather(-1, tgt[..., None]).squeeze(-1)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    return math.exp(total / count)
