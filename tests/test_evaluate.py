@@ -455,3 +455,30 @@ def test_kn_edit_through_the_harness(tiny_lm):
     ws = _weights(tiny_lm)
     res = edit.evaluate("kn", _cases()[:1], model=tiny_lm, hparams={"steps": 4}, fluency=False, progress=False)
     assert _same(tiny_lm, ws) and len(res.records) == 1 and "es" in res.records[0]
+
+
+def test_sequential_mode_measures_perplexity_at_each_checkpoint(tiny_lm):
+    texts = ["The quick brown fox jumps over the lazy dog. " * 8, "Paris is the capital of France. " * 8]
+    res = edit.evaluate("bump", _cases(), model=tiny_lm, mode="sequential", checkpoints=[1, 3], fluency=False,
+                        progress=False, perplexity_corpus=texts, perplexity_tokens=120, hparams={"scale": 0.5})
+    assert sorted(res.curve) == [0, 1, 3] and res.curve[0]["n_cases"] == 0
+    base = res.curve[0]["perplexity"]
+    # the unedited perplexity is exp(mean next-token NLL) over the stream, computed directly here
+    from edit.eval.metrics import perplexity
+    from edit.stats import token_stream
+
+    tokens = token_stream(tiny_lm, texts, 120)[0]
+    logits = tiny_lm.forward(tiny_lm.pad([tokens.tolist()]))[0].float()
+    nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:].to(logits.device))
+    assert base == pytest.approx(float(torch.exp(nll)), rel=1e-4) == perplexity(tiny_lm, tokens)
+    assert res.curve[3]["perplexity"] != base  # the large test edits change the model's text predictions
+
+
+def test_methods_command_lists_the_registry(capsys):
+    from locate_edit.cli import main
+
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in edit.methods():
+        assert name in out
+    assert "v_steps = 20" in out  # ROME's default, from its hyperparameter dataclass

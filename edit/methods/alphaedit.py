@@ -44,12 +44,11 @@ import torch
 from locate import resolve_layers
 from locate.errors import SingularStatisticsError
 
-from ..context import templates_for
 from ..edit import Edit
 from ..registry import Runtime, register
 from ..request import Request
 from ..stats import stats_for
-from .memit import WindowHparams, check_conflicts, layer_walk, memit_targets
+from .memit import WindowHparams, check_conflicts, two_steps
 
 
 @dataclass
@@ -119,17 +118,8 @@ def compute_alphaedit(lm, requests: list[Request], hp: AlphaEditHparams, rt: Run
                           f"{hp.nullspace_threshold}; the projection is zero and this layer will not change "
                           "(the threshold is absolute, as in the reference; see threshold_relative)", stacklevel=2)
     timings = {"stats_s": time.perf_counter() - t0}
-    templates = templates_for(lm, rt, hp.template_lengths)
-
-    t1 = time.perf_counter()
-    z, loss_trace, final_losses = memit_targets(lm, requests, layers[-1], templates, hp, rt)
-    timings["z_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    deltas, per_layer, keys = layer_walk(lm, requests, layers, z, templates,
-                                         lambda l, K, R: alpha_update(K, R, P[l], previous_keys(lm, l), hp.L2),
-                                         chunk_size=hp.chunk_size, rt=rt)
-    timings["update_s"] = time.perf_counter() - t2
+    deltas, per_layer, keys, loss_trace, final_losses = two_steps(
+        lm, requests, layers, hp, rt, lambda l, K, R: alpha_update(K, R, P[l], previous_keys(lm, l), hp.L2), timings)
     timings["total_s"] = time.perf_counter() - t0
     return Edit("alphaedit", requests, deltas, lm.fingerprint, model_name=lm.name, layer_reason=reason,
                 hparams={**asdict(hp), "layers": layers, "null_space_dim": {l: int(torch.trace(P[l]).round()) for l in layers},

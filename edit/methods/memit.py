@@ -250,6 +250,20 @@ def layer_walk(lm, requests: Sequence[Request], layers: Sequence[int], z: torch.
     return deltas, per_layer, keys
 
 
+def two_steps(lm, requests: Sequence[Request], layers: Sequence[int], hp: WindowHparams, rt: Runtime, solve: Solve,
+              timings: dict) -> tuple[list[WeightDelta], list[dict], dict, list, list[float]]:
+    """Step 1 (z at the last critical layer) then step 2 (the layer walk with ``solve``), timed into
+    ``timings``: what MEMIT and the methods that change only its per-layer solve share."""
+    templates = templates_for(lm, rt, hp.template_lengths)
+    t1 = time.perf_counter()
+    z, loss_trace, final_losses = memit_targets(lm, requests, layers[-1], templates, hp, rt)
+    timings["z_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    deltas, per_layer, keys = layer_walk(lm, requests, layers, z, templates, solve, chunk_size=hp.chunk_size, rt=rt)
+    timings["update_s"] = time.perf_counter() - t2
+    return deltas, per_layer, keys, loss_trace, final_losses
+
+
 # --------------------------------------------------------------------------- MEMIT
 @register("memit", MEMITHparams, batched=True, layers="window",
           smoke={"v_steps": 3, "template_lengths": ((5, 1),), "stats_tokens": 1024, "n_layers": 2},
@@ -263,17 +277,8 @@ def compute_memit(lm, requests: list[Request], hp: MEMITHparams, rt: Runtime) ->
     lam = hp.lam(lm.d_mlp)
     stats = stats_for(lm, layers, rt, n_tokens=hp.stats_tokens)
     timings = {"stats_s": time.perf_counter() - t0}
-    templates = templates_for(lm, rt, hp.template_lengths)
-
-    t1 = time.perf_counter()
-    z, loss_trace, final_losses = memit_targets(lm, requests, layers[-1], templates, hp, rt)
-    timings["z_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    deltas, per_layer, _ = layer_walk(lm, requests, layers, z, templates,
-                                      lambda l, K, R: layer_update(K, R, stats[l].C, lam),  # eq. 14
-                                      chunk_size=hp.chunk_size, rt=rt)
-    timings["update_s"] = time.perf_counter() - t2
+    deltas, per_layer, _, loss_trace, final_losses = two_steps(
+        lm, requests, layers, hp, rt, lambda l, K, R: layer_update(K, R, stats[l].C, lam), timings)  # eq. 14
     timings["total_s"] = time.perf_counter() - t0
     record = {**asdict(hp), "lambda_": lam, "layers": layers,
               "stats_source": {l: stats[l].source for l in layers}, "stats_n_tokens": {l: stats[l].n_tokens for l in layers}}
