@@ -7,7 +7,7 @@ import torch
 
 import edit
 from edit import Edit, EditStateError, Request, WeightDelta
-from locate.errors import CacheCorruptedError, EmptyTargetError, FingerprintMismatchError
+from locate.errors import CacheCorruptedError, EmptyTargetError, FingerprintMismatchError, LocateEditError
 from locate.testing import tiny_model
 
 
@@ -116,3 +116,42 @@ def test_request_validation(gpt2):
         Request("{} is in", "Paris", " ").check()
     r = Request("{} is located in the city of", "The Eiffel Tower", " Rome").check(gpt2)
     assert r.rendered == "The Eiffel Tower is located in the city of"
+
+
+def test_state_fingerprint_names_the_applied_edits_and_keys_the_caches(gpt2):
+    from locate.loading import derived_cache_key
+
+    base_fp, base_key = gpt2.state_fingerprint, derived_cache_key(gpt2)
+    assert base_fp == gpt2.fingerprint
+    e = _random_edit(gpt2, [1]).apply(gpt2)
+    assert gpt2.state_fingerprint != base_fp and derived_cache_key(gpt2) != base_key  # nothing cached as unedited
+    e.revert(gpt2)
+    assert gpt2.state_fingerprint == base_fp and derived_cache_key(gpt2) == base_key
+
+
+def test_an_edit_computed_on_top_of_another_needs_it(gpt2):
+    first = _random_edit(gpt2, [0], seed=1).apply(gpt2)
+    second = _random_edit(gpt2, [1], seed=2)
+    second.parents = [first.id]
+    first.revert(gpt2)
+    with pytest.raises(FingerprintMismatchError, match="computed on top of"):
+        second.apply(gpt2)
+    with edit.applied(gpt2, first, second):
+        assert [e.id for e in gpt2.applied_edits] == [first.id, second.id]
+
+
+def test_damaged_or_non_finite_edit_files_are_refused(gpt2, tmp_path):
+    e = _random_edit(gpt2, [1])
+    path = e.save(tmp_path / "e.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits in the tensor data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CacheCorruptedError, match="checksum"):
+        Edit.load(bad)
+    before = _weights(gpt2)
+    nan = _random_edit(gpt2, [1])
+    nan.deltas[0].dense[0, 0] = float("nan")
+    with pytest.raises(LocateEditError, match="not finite"):
+        nan.apply(gpt2)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(gpt2), before)) and not gpt2.applied_edits
