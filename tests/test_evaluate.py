@@ -423,6 +423,11 @@ def test_plots_draw(tiny_lm):
                     {"es": {"pearson": 1.0, "spearman": 1.0}}, 2, "tiny")
     for fig in (viz.plot_methods([single]), viz.plot_sequential(seq), viz.plot_batch_sizes(batches), viz.plot_layer_sweep(sw)):
         assert fig.axes
+    curves = {"a": [{"n_edits": 0, "perplexity": 20.0}, {"n_edits": 10, "es": 0.9, "ps": 0.8, "ns": 0.7, "perplexity": 21.0}],
+              "b": [{"n_edits": 0, "perplexity": 20.0}, {"n_edits": 10, "es": 0.5, "ps": 0.4, "ns": 0.6, "perplexity": 30.0}]}
+    fig = viz.plot_sequential_curves(curves)
+    left, right = fig.axes
+    assert len(left.lines) == 6 and [list(l.get_ydata()) for l in right.lines] == [[20.0, 21.0], [20.0, 30.0]]
 
 
 def test_eval_cli_on_the_default_model(shared_data, tmp_path, capsys):

@@ -72,6 +72,30 @@ def plot_sequential(results, keys: Sequence[str] = DEFAULT_KEYS, ax=None):
     return fig
 
 
+def plot_sequential_curves(curves: dict, keys: Sequence[str] = ("es", "ps", "ns"), extra: str = "perplexity"):
+    """Sequential editing, several methods: ``curves`` maps a method to its checkpoint rows (dicts with
+    ``n_edits``, the metrics and ``extra``, e.g. bench/sequential_bench.py's ``curve.jsonl``). Left: the
+    metrics over every edit so far; right: ``extra`` (general ability) against the number of edits."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
+    styles = ["-", "--", ":", "-."]
+    for j, (method, rows) in enumerate(curves.items()):
+        rows = sorted(rows, key=lambda r: r["n_edits"])
+        scored = [r for r in rows if r["n_edits"] > 0]
+        for k in keys:
+            ax.plot([r["n_edits"] for r in scored], [100 * r.get(k, np.nan) for r in scored], styles[j % 4],
+                    marker="o", label=f"{LABELS.get(k, k)} ({method})")
+        bx.plot([r["n_edits"] for r in rows], [r.get(extra, np.nan) for r in rows], styles[j % 4], marker="o",
+                label=method)
+    ax.set_xlabel("number of sequential edits")
+    ax.set_ylabel("% (over all edits so far)")
+    ax.legend(fontsize=6)
+    bx.set_xlabel("number of sequential edits")
+    bx.set_ylabel(extra)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_layer_sweep(sweep, keys: Sequence[str] = ("es", "ps", "ns")):
     """Top: metrics against the edited layer. Bottom: the MLP AIE from causal tracing, with the
     correlations in the title (Hase et al.'s "does localization inform editing?")."""

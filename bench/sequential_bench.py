@@ -1,0 +1,126 @@
+"""Sequential editing in batches: CounterFact ES/PS/NS over every edit so far and WikiText-2 perplexity.
+
+    python bench/sequential_bench.py --methods memit,alphaedit --n 1000 --batch-size 100 \
+        --out results/sequential_cf
+
+For each method, batches of ``--batch-size`` CounterFact dev requests are written one after another
+(:func:`edit.eval.sequential.sequential`, through the registry: one edit per batch for a batched
+method, one per request otherwise). Before any edit and after every batch the script scores every case
+edited so far (single-case CounterFact metrics, no fluency) and the perplexity of the first
+``--ppl-tokens`` tokens of WikiText-2 test. Each batch's edits are saved under ``out/<method>/edits``
+and each checkpoint's numbers appended to ``out/<method>/curve.jsonl``, so an interrupted run resumes:
+stored edits are re-applied, stored checkpoints are not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import edit
+import locate
+from edit.eval.metrics import aggregate, perplexity, score_case
+from edit.stats import token_stream
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="memit,alphaedit")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--ppl-tokens", type=int, default=20_000)
+    ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--out", default="results/sequential_cf")
+    args = ap.parse_args()
+    data = Path(args.data)
+    methods = args.methods.split(",")
+    for m in methods:
+        edit.get_method(m)
+    hps: dict[str, dict] = {}
+    for item in args.hparam or []:
+        m, kv = item.split(":", 1)
+        k, v = kv.split("=", 1)
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            pass
+        hps.setdefault(m, {})[k] = v
+    lm = locate.default_model()
+    cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n)
+    cases = cases[: args.n]
+    ppl_tokens = token_stream(lm, data / "wikitext/wikitext-2-raw/wiki.test.raw", args.ppl_tokens)[0]
+    corpus = data / "wikitext/wikitext-2-raw/wiki.valid.raw"
+    batches = [cases[i: i + args.batch_size] for i in range(0, len(cases), args.batch_size)]
+    for m in methods:
+        out = Path(args.out) / m
+        (out / "edits").mkdir(parents=True, exist_ok=True)
+        settings = {"method": m, "n": len(cases), "batch_size": args.batch_size, "hparams": hps.get(m, {}),
+                    "ppl_tokens": args.ppl_tokens, "fingerprint": lm.fingerprint}
+        sfile = out / "settings.json"
+        if sfile.is_file() and json.loads(sfile.read_text()) != settings:
+            raise SystemExit(f"{out} holds a run with other settings; use another --out")
+        sfile.write_text(json.dumps(settings, indent=1))
+        cfile = out / "curve.jsonl"
+        done = {}
+        if cfile.is_file():
+            for line in cfile.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    done[r["n_edits"]] = r
+
+        def checkpoint(n_batches: int, seconds: float) -> None:
+            n = sum(len(b) for b in batches[:n_batches])
+            if n in done:
+                return
+            t = time.perf_counter()
+            recs = [score_case(lm, c, fluency=False) for c in cases[:n]]
+            agg = {k: v for k, v in aggregate(recs).items() if isinstance(v, (int, float))} if recs else {}
+            row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens), "edit_seconds_total": seconds,
+                   "score_seconds": time.perf_counter() - t, **agg}
+            row.update(norms(lm, n_batches))
+            done[n] = row
+            with open(cfile, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(m, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                      if k in ("n_edits", "es", "ps", "ns", "perplexity")}, flush=True)
+
+        base = {n: lm.mlp_out_weight(n).clone() for n in range(lm.n_layers)}
+
+        def norms(lm_, n_batches) -> dict:
+            """Norm and condition number of the accumulated update of each edited layer."""
+            out_ = {}
+            for l in range(lm_.n_layers):
+                d = (lm_.mlp_out_weight(l) - base[l]).double()
+                if float(d.abs().max()) > 0:
+                    s = torch.linalg.svdvals(d)
+                    out_[f"update_norm_{l}"] = float(d.norm())
+                    out_[f"update_cond_{l}"] = float(s[0] / s[min(len(s) - 1, n_batches * args.batch_size - 1)])
+            return out_
+
+        def replay(b):
+            d = out / "edits" / f"{b:04d}"
+            files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+            return [edit.Edit.load(p, lm) for p in files] if files and (d / "done").is_file() else None
+
+        def on_batch(b, new, seconds):
+            d = out / "edits" / f"{b:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for j, e in enumerate(new):
+                e.save(d / f"{j:03d}.safetensors")
+            (d / "done").write_text(f"{seconds}\n")
+
+        checkpoint(0, 0.0)
+        run = edit.sequential(None, m, model=lm, batches=[[c.request for c in b] for b in batches],
+                              hparams=hps.get(m, {}), runtime=edit.Runtime(corpus=corpus, progress=False),
+                              callback=lambda lm_, r: checkpoint(r.n_batches, r.seconds),
+                              replay=replay, on_batch=on_batch, progress=True)
+        run.revert()
+
+
+if __name__ == "__main__":
+    main()
