@@ -36,7 +36,13 @@ def main() -> None:
     ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="results/sequential_cf")
+    ap.add_argument("--report", default=None, help="comma-separated method run directories: print their curves "
+                    "as a table and draw --figure instead of running")
+    ap.add_argument("--figure", default="sequential.png")
     args = ap.parse_args()
+    if args.report:
+        report(args.report.split(","), args.figure)
+        return
     data = Path(args.data)
     methods = args.methods.split(",")
     for m in methods:
@@ -120,6 +126,27 @@ def main() -> None:
                               callback=lambda lm_, r: checkpoint(r.n_batches, r.seconds),
                               replay=replay, on_batch=on_batch, progress=True)
         run.revert()
+
+
+def report(dirs: list[str], figure: str) -> None:
+    """A table of the checkpoints of each run directory and the figure (viz.plot_sequential_curves)."""
+    import viz
+
+    curves = {}
+    print("method | edits | ES | PS | NS | Rel. | Gen. | WikiText-2 ppl | max update norm (layer)")
+    print("---|---|---|---|---|---|---|---|---")
+    for d in dirs:
+        method = json.loads((Path(d) / "settings.json").read_text())["method"]
+        rows = [json.loads(line) for line in (Path(d) / "curve.jsonl").read_text().splitlines() if line.strip()]
+        curves[method] = rows
+        for r in sorted(rows, key=lambda r: r["n_edits"]):
+            norms = {k: v for k, v in r.items() if k.startswith("update_norm_")}
+            top = max(norms, key=norms.get) if norms else None
+            cells = [f"{100 * r[k]:.1f}" if k in r else "-" for k in ("es", "ps", "ns", "rewrite_acc", "paraphrase_acc")]
+            print(f"{method} | {r['n_edits']} | " + " | ".join(cells) + f" | {r['perplexity']:.2f} | "
+                  + (f"{norms[top]:.1f} ({top.rsplit('_', 1)[1]})" if top else "-"))
+    viz.plot_sequential_curves(curves).savefig(figure, dpi=120)
+    print(f"figure: {figure}")
 
 
 if __name__ == "__main__":
