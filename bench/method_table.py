@@ -11,26 +11,13 @@ At the end ``table.md`` holds every method found under ``--out`` (and ``--includ
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import edit
 import locate
 from edit.eval import Results, format_table
-
-
-def parse_hparams(items) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items or []:
-        method, kv = item.split(":", 1)
-        k, v = kv.split("=", 1)
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            pass
-        out.setdefault(method, {})[k] = v
-    return out
+from locate_edit.cli.common import parse_method_hparams
 
 
 def main() -> None:
@@ -49,7 +36,7 @@ def main() -> None:
     for m in methods:
         if m != "none":
             edit.get_method(m)  # refuse an unknown name before any work
-    hps = parse_hparams(args.hparam)
+    hps = parse_method_hparams(args.hparam)
     lm = locate.default_model()
     cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n)
     corpus = data / "wikitext/wikitext-2-raw/wiki.valid.raw"

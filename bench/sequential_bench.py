@@ -25,6 +25,7 @@ import edit
 import locate
 from edit.eval.metrics import aggregate, perplexity, score_case
 from edit.stats import token_stream
+from locate_edit.cli.common import parse_method_hparams
 
 
 def main() -> None:
@@ -47,15 +48,7 @@ def main() -> None:
     methods = args.methods.split(",")
     for m in methods:
         edit.get_method(m)
-    hps: dict[str, dict] = {}
-    for item in args.hparam or []:
-        m, kv = item.split(":", 1)
-        k, v = kv.split("=", 1)
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            pass
-        hps.setdefault(m, {})[k] = v
+    hps = parse_method_hparams(args.hparam)
     lm = locate.default_model()
     cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n)
     cases = cases[: args.n]

@@ -30,7 +30,6 @@ shared between the edits of one run) travel in a :class:`Runtime`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -200,7 +199,3 @@ def write(method: str | EditMethod, requests: Sequence[Request], *, model=None, 
             e.revert(lm)
         raise
     return done
-
-
-def is_integral(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

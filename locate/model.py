@@ -33,7 +33,7 @@ import json
 import numbers
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from importlib.metadata import version
 

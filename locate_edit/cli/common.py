@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import locate
+from edit import InvalidHparamsError
 from edit.eval.datasets import DatasetNotFoundError, find_data_dir  # noqa: F401  (re-exported for the subcommands)
 
 # The corpus for key statistics when --corpus is not given (the repo's shared data), if present.
@@ -47,3 +49,27 @@ def print_top(lm, prompt: str, title: str, k: int = 5) -> None:
     print(f"{title} {prompt!r}:")
     for tp in lm.predict(prompt, k):
         print(f"  {tp.token!r:>14}  {tp.prob:.4f}")
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` → (key, value), the value read as JSON when it parses (``3``, ``[1, 2]``, ``null``),
+    else kept as a string."""
+    if "=" not in text:
+        raise InvalidHparamsError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        return k.strip(), json.loads(v)
+    except json.JSONDecodeError:
+        return k.strip(), v
+
+
+def parse_method_hparams(items) -> dict[str, dict]:
+    """``METHOD:KEY=VALUE`` items (bench scripts' ``--hparam``) → ``{method: {key: value}}``."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        if ":" not in item:
+            raise InvalidHparamsError(f"expected METHOD:KEY=VALUE, got {item!r}")
+        method, kv = item.split(":", 1)
+        k, v = parse_assignment(kv)
+        out.setdefault(method, {})[k] = v
+    return out

@@ -8,30 +8,17 @@ before and after, optionally save the edit(s).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import edit
 from edit.eval.datasets import load_requests
 
-from .common import add_model_args, default_corpus, existing_file, load_model, print_top
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+from .common import add_model_args, default_corpus, existing_file, load_model, parse_assignment, print_top
 
 
 def parse_hparams(items, method: edit.EditMethod) -> dict:
     """``KEY=VALUE`` pairs (VALUE as JSON when it parses, else a string), checked against the method."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise edit.InvalidHparamsError(f"--hparam takes KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _value(v)
+    out = dict(parse_assignment(item) for item in items or [])
     method.make_hparams(out)  # unknown names and bad values are refused now, before the model loads
     return out
 
