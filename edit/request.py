@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from locate.errors import EmptyTargetError, LocateEditError, SubjectNotFoundError
 
@@ -18,12 +18,23 @@ class Request:
     ``prompt`` holds exactly one ``{}`` where the subject goes, e.g. ``"{} is located in the city of"``.
     Targets carry their leading space, as in the CounterFact files once rendered: ``" Rome"``.
     ``target_true`` (the fact being replaced) is optional and only used by evaluation.
+
+    ``paraphrases`` (optional): other prompts stating the same fact, rendered and ending where the
+    target follows (a CounterFact case's paraphrase prompts). Only methods that attribute over several
+    prompts of the fact use them (knowledge neurons). They are not part of the fact: they take no part
+    in equality, hashing or ``repr``, and :meth:`to_dict` leaves them out (so edit files, run records and
+    anything seeded from ``to_dict`` stay as they were).
     """
 
     prompt: str
     subject: str
     target_new: str
     target_true: str | None = None
+    paraphrases: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self):
+        given = self.paraphrases
+        object.__setattr__(self, "paraphrases", (given,) if isinstance(given, str) else tuple(given))
 
     @property
     def rendered(self) -> str:
@@ -42,6 +53,8 @@ class Request:
             raise EmptyTargetError(f"target_new {self.target_new!r} is empty")
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
             raise InvalidRequestError(f"target_new and target_true are the same ({self.target_new!r})")
+        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
+            raise InvalidRequestError(f"paraphrases must be non-empty strings, got {list(self.paraphrases)!r}")
         if lm is not None:
             try:
                 lm.subject_span(self.rendered, self.subject)
@@ -51,7 +64,9 @@ class Request:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["paraphrases"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Request":

@@ -22,9 +22,18 @@ row runs the last token alone on the clean run's key/value cache of the earlier 
 lowest scaled layer of its batch up (the blocks below are clean and skipped).
 :func:`attribution_loop` is the plain per-layer, per-step loop, kept as the reference.
 
-Refinement (§3.2): for each prompt keep the neurons above ``t × max`` attribution (t = 0.2); keep
-those present in at least ``p`` (70%) of the prompts; optionally drop the ones shared with other
-relations' facts. :func:`neurons` does all of it and returns :class:`KnowledgeNeurons`.
+Refinement (§3.2), in the order of the authors' code (``2_analyze_kn.py``), for a fact with N prompts::
+
+    coarse_j = {(l, i) : Attr_j(w_i^l) ≥ t · max Attr_j}                 t = 0.2, per prompt j
+    refined  = {(l, i) : #{j : (l, i) ∈ coarse_j} ≥ max(p · N, 3)}      p = 0.7 to start
+
+then p moves by 0.05 (down when fewer than 2 neurons remain, up when more than 5) and the fact is
+refined again, until it has 2–5 neurons or 6 p's were tried (the last then stands). A neuron must be
+shared by at least 3 prompts, so a fact with fewer prompts is refused (:class:`TooFewPromptsError`).
+In the authors' code the adaptive p is shared by a relation's facts and aims at their mean count:
+:func:`refine_facts`; :func:`refine` is the one-fact case. ``min_prompts`` (the 3) and ``adaptive``
+are options; ``min_prompts=1, adaptive=False`` is the plain fixed-p rule. Optionally drop the neurons
+shared with other relations' facts. :func:`neurons` does all of it and returns :class:`KnowledgeNeurons`.
 
 Verification (§4): :func:`suppress` sets the neurons to 0, :func:`amplify` multiplies them (×2);
 :func:`verify_neurons` reports the change in P(answer) under both, against random neuron sets of
@@ -35,15 +44,16 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ._io import read_json, write_json
-from .errors import EmptyTargetError, LocateEditError
+from .errors import EmptyTargetError, InvalidHparamsError, LocateEditError
 from .hooks import as_cache, capture, prefix_cache
 from .model import resolve_model
 
@@ -52,6 +62,15 @@ Neuron = tuple[int, int]  # (layer, index)
 
 class NoNeuronsError(LocateEditError, ValueError):
     """An empty neuron set where one is needed (e.g. verifying or editing no neurons)."""
+
+
+class AttributionShapeError(LocateEditError, ValueError):
+    """Attributions that are not one (n_prompts, n_layers, d_mlp) tensor per fact."""
+
+
+class TooFewPromptsError(LocateEditError, ValueError):
+    """A fact with fewer prompts than a neuron must be shared by (``min_prompts``): the share filter
+    could keep no neuron, so the fact is refused instead of refined to nothing (or edited on one prompt)."""
 
 
 # ---------------------------------------------------------------------------------------- plumbing
@@ -274,30 +293,122 @@ class KnowledgeNeurons:
                    d.get("model_name", ""), d.get("fingerprint", ""))
 
 
-def refine(per_prompt: torch.Tensor, *, threshold: float = 0.2, share: float = 0.7
-           ) -> tuple[list[Neuron], list[list[Neuron]]]:
-    """§3.2: per prompt, neurons with attribution > ``threshold`` × that prompt's max; then those kept by
-    at least ``share`` of the prompts. Returns (refined neurons, per-prompt coarse sets)."""
-    coarse = []
+class Refinement(NamedTuple):
+    """The refinement of one fact (§3.2).
+
+    ``neurons``: the refined set; ``coarse``: each prompt's set before the share filter; ``share``: the
+    p the refined set was filtered with; ``tried``: every p evaluated, in order (one unless adaptive).
+    """
+
+    neurons: list[Neuron]
+    coarse: list[list[Neuron]]
+    share: float
+    tried: list[float]
+
+
+def _check_refine_args(threshold: float, share: float, min_prompts: int, aim: tuple[float, float], step: float,
+                       rounds: int) -> None:
+    if not 0 < share <= 1 or not 0 <= threshold < 1:
+        raise InvalidHparamsError(f"need 0 < share <= 1 and 0 <= threshold < 1, got share={share}, threshold={threshold}")
+    if int(min_prompts) != min_prompts or min_prompts < 1:
+        raise InvalidHparamsError(f"min_prompts must be a positive integer, got {min_prompts!r}")
+    if len(aim) != 2 or not 0 <= aim[0] <= aim[1] or step < 0 or int(rounds) != rounds or rounds < 1:
+        raise InvalidHparamsError(f"need aim = (lo, hi) with 0 <= lo <= hi, step >= 0 and rounds >= 1, "
+                                  f"got aim={aim!r}, step={step}, rounds={rounds}")
+
+
+def _too_few(n: int, min_prompts: int, what: str) -> TooFewPromptsError:
+    return TooFewPromptsError(
+        f"{what} has {n} prompt(s), but a knowledge neuron must be shared by at least {min_prompts} prompts "
+        f"(Dai et al.'s rule): give at least {min_prompts} paraphrases of the fact, or lower min_prompts "
+        f"(min_prompts=1 keeps every neuron of a single prompt above threshold × max)")
+
+
+def coarse_sets(per_prompt: torch.Tensor, threshold: float = 0.2) -> list[list[Neuron]]:
+    """Step 1 of the refinement: for each prompt, the neurons whose attribution is at least ``threshold``
+    × that prompt's largest attribution (over all layers), "≥" as in the authors' code. A prompt whose
+    largest attribution is not positive keeps none (their code would keep every zero attribution when
+    the max is 0)."""
+    out = []
     for a in per_prompt:
-        keep = (a > threshold * a.max()).nonzero().tolist() if a.max() > 0 else []
-        coarse.append([tuple(n) for n in keep])
-    counts: dict[Neuron, int] = {}
-    for c in coarse:
-        for n in c:
-            counts[n] = counts.get(n, 0) + 1
-    need = share * len(coarse)
-    refined = sorted(n for n, k in counts.items() if k >= need - 1e-9)
-    return refined, coarse
+        top = a.max()
+        keep = (a >= threshold * top).nonzero().tolist() if top > 0 else []
+        out.append([tuple(n) for n in keep])
+    return out
+
+
+def share_filter(coarse: Sequence[Sequence[Neuron]], share: float, min_prompts: int = 3) -> list[Neuron]:
+    """Step 2: the neurons found in at least ``max(p · N, min_prompts)`` of the ``N`` prompts' coarse sets.
+
+    p · N is compared exactly. (The authors' code adds 0.05 to p in floating point, so at p = 0.9 it
+    asks 10 prompts of 10 where 9 is p · N; rounding only ever matters when p · N is a whole number.)"""
+    counts = Counter(n for c in coarse for n in c)
+    need = max(share * len(coarse), min_prompts)
+    return sorted(n for n, k in counts.items() if k >= need - 1e-9)  # p·N exact, not its float rounding
+
+
+def refine_facts(per_fact: Sequence[torch.Tensor], *, threshold: float = 0.2, share: float = 0.7,
+                 min_prompts: int = 3, adaptive: bool = True, aim: tuple[float, float] = (2, 5), step: float = 0.05,
+                 rounds: int = 6) -> list[Refinement]:
+    """§3.2 refinement of several facts (e.g. one relation's) with one share p, as the authors' code runs it.
+
+    Each fact is a (n_prompts, n_layers, d_mlp) attribution tensor. For p = ``share``:
+
+    1. coarse sets (:func:`coarse_sets`): per prompt, attribution ≥ ``threshold`` × its max;
+    2. share filter (:func:`share_filter`): neurons in ≥ max(p · N, ``min_prompts``) of the fact's N prompts;
+    3. adaptive p (``adaptive=True``): if the mean number of refined neurons per fact is below ``aim[0]``,
+       p ← p − ``step``; above ``aim[1]``, p ← p + ``step``; and refine again. It stops at the first p whose
+       mean lies in ``aim`` (bounds included) or after ``rounds`` evaluations; then the last evaluation
+       stands, even outside ``aim`` (with the defaults p ends within 0.7 ± 0.25).
+
+    A fact with fewer than ``min_prompts`` prompts is refused (:class:`TooFewPromptsError`). For one fact
+    the mean is that fact's own count. ``min_prompts=1, adaptive=False`` is the plain rule (neurons in ≥
+    p · N prompts at the fixed p), which on a single prompt keeps its whole coarse set.
+    """
+    _check_refine_args(threshold, share, min_prompts, aim, step, rounds)
+    if not per_fact:
+        raise EmptyTargetError("no facts to refine")
+    for i, per in enumerate(per_fact):
+        if per.ndim != 3:
+            raise AttributionShapeError(f"fact {i}: attributions must be (n_prompts, n_layers, d_mlp), got shape {tuple(per.shape)}")
+        if per.shape[0] < min_prompts:
+            raise _too_few(per.shape[0], min_prompts, f"fact {i}")
+    coarse = [coarse_sets(per, threshold) for per in per_fact]
+    k, tried = 0, []
+    while True:
+        p = round(share + k * step, 10)  # p = share ± k · step
+        tried.append(p)
+        kept = [share_filter(c, p, min_prompts) for c in coarse]
+        mean = sum(len(n) for n in kept) / len(kept)
+        if not adaptive or aim[0] <= mean <= aim[1] or len(tried) == rounds:
+            break
+        k += -1 if mean < aim[0] else 1
+    return [Refinement(n, c, p, list(tried)) for n, c in zip(kept, coarse)]
+
+
+def refine(per_prompt: torch.Tensor, *, threshold: float = 0.2, share: float = 0.7, min_prompts: int = 3,
+           adaptive: bool = True, aim: tuple[float, float] = (2, 5), step: float = 0.05, rounds: int = 6
+           ) -> Refinement:
+    """§3.2 refinement of one fact's (n_prompts, n_layers, d_mlp) attributions: :func:`refine_facts` on
+    that fact alone, so the adaptive p aims at 2–5 neurons for this fact. See there for the options."""
+    return refine_facts([per_prompt], threshold=threshold, share=share, min_prompts=min_prompts,
+                        adaptive=adaptive, aim=aim, step=step, rounds=rounds)[0]
 
 
 def neurons(prompts: str | Sequence[str], target: str, *, model=None, steps: int = 20, threshold: float = 0.2,
-            share: float = 0.7, tokens: str = "first", layers: Sequence[int] | None = None,
-            exclude: Iterable[KnowledgeNeurons | Iterable[Neuron]] = (), batch_size: int = 200,
-            progress: bool = True, precision: torch.dtype | str | None = None) -> KnowledgeNeurons:
+            share: float = 0.7, min_prompts: int = 3, adaptive: bool = True, tokens: str = "first",
+            layers: Sequence[int] | None = None, exclude: Iterable[KnowledgeNeurons | Iterable[Neuron]] = (),
+            batch_size: int = 200, progress: bool = True, precision: torch.dtype | str | None = None
+            ) -> KnowledgeNeurons:
     """Find the knowledge neurons of the fact "``prompts`` → ``target``" (Dai et al. 2022).
 
-    ``prompts`` are paraphrases stating the same fact, each ending where ``target`` follows.
+    ``prompts`` are paraphrases stating the same fact, each ending where ``target`` follows; the
+    refinement (:func:`refine`) keeps the neurons above ``threshold`` × max in at least max(``share`` ·
+    N, ``min_prompts``) of them, adapting ``share`` in steps of 0.05 toward 2–5 neurons when
+    ``adaptive``. Fewer than ``min_prompts`` prompts (default 3) raise :class:`TooFewPromptsError`
+    before any work; ``min_prompts=1, adaptive=False`` is the plain fixed-p rule (one prompt: its whole
+    coarse set). ``params`` records the p used (``share_used``) and every p tried.
+
     ``tokens="first"`` attributes the first answer token (the paper); ``"mean"`` averages over the
     answer's tokens. ``exclude``: neuron sets of other relations' facts to remove from the result.
     ``precision``: e.g. ``torch.float64`` to compute the attributions in float64 (see :func:`attribution`).
@@ -308,14 +419,16 @@ def neurons(prompts: str | Sequence[str], target: str, *, model=None, steps: int
         lm.target_ids(target, p)
     if layers is not None:
         layers = [lm.check_layer(l) for l in layers]
-    if not 0 < share <= 1 or not 0 <= threshold < 1:
-        raise ValueError(f"need 0 < share <= 1 and 0 <= threshold < 1, got share={share}, threshold={threshold}")
+    _check_refine_args(threshold, share, min_prompts, (2, 5), 0.05, 6)
+    if len(prompts) < min_prompts:
+        raise _too_few(len(prompts), min_prompts, f"the fact -> {target!r}")
     per_prompt = torch.stack([
         attribution(lm, p, target, steps=steps, layers=layers, tokens=tokens, batch_size=batch_size,
                     progress=progress, precision=precision) for p in prompts]).cpu()
-    refined, coarse = refine(per_prompt, threshold=threshold, share=share)
-    kn = KnowledgeNeurons(prompts, target, refined, per_prompt, coarse,
-                          dict(steps=steps, threshold=threshold, share=share, tokens=tokens,
+    r = refine(per_prompt, threshold=threshold, share=share, min_prompts=min_prompts, adaptive=adaptive)
+    kn = KnowledgeNeurons(prompts, target, r.neurons, per_prompt, r.coarse,
+                          dict(steps=steps, threshold=threshold, share=share, share_used=r.share, shares_tried=r.tried,
+                               min_prompts=min_prompts, adaptive=adaptive, tokens=tokens,
                                precision=str(precision or lm.dtype).replace("torch.", "")), lm.name, lm.fingerprint)
     exclude = list(exclude)
     return kn.without(*exclude) if exclude else kn

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import edit
 import locate
-from edit import applied, kn_erase, kn_update
-from locate.neurons import KnowledgeNeurons, attribution, attribution_loop, refine, suppress
+from edit import Request, applied, kn_erase, kn_update
+from edit.eval.datasets import Case
+from locate.neurons import (AttributionShapeError, KnowledgeNeurons, TooFewPromptsError, attribution,
+                            attribution_loop, refine, refine_facts, suppress)
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -85,15 +88,125 @@ def test_float64_precision_on_a_float32_model_is_exact_and_restores_weights(tiny
             pass
 
 
-def test_refine_threshold_and_share():
+def test_refine_fixed_share_option():
+    """min_prompts=1, adaptive=False: the plain rule, neurons in >= p·N prompts at the fixed p."""
     per = torch.zeros(3, 2, 4)
     per[:, 0, 0] = 1.0  # top in every prompt
     per[0, 1, 2] = per[1, 1, 2] = 0.5  # above 0.2*max in 2 of 3 prompts
     per[2, 1, 3] = 0.1  # below threshold
-    refined, coarse = refine(per, threshold=0.2, share=0.6)
-    assert refined == [(0, 0), (1, 2)]
-    assert refine(per, threshold=0.2, share=0.7)[0] == [(0, 0)]
-    assert coarse[2] == [(0, 0)]
+    plain = dict(min_prompts=1, adaptive=False)
+    r = refine(per, threshold=0.2, share=0.6, **plain)
+    assert r.neurons == [(0, 0), (1, 2)] and r.share == 0.6 and r.tried == [0.6]
+    assert refine(per, threshold=0.2, share=0.7, **plain).neurons == [(0, 0)]
+    assert r.coarse[2] == [(0, 0)]
+
+
+def _bag(n_prompts: int, present: dict) -> torch.Tensor:
+    """Attributions (n_prompts, 2, 8): neuron (0, 0) is every prompt's max (1.0); ``present`` maps a
+    neuron to (value, the prompts whose attribution it gets); everything else is 0."""
+    per = torch.zeros(n_prompts, 2, 8, dtype=torch.float64)
+    per[:, 0, 0] = 1.0
+    for (l, i), (value, where) in present.items():
+        per[list(where), l, i] = value
+    return per
+
+
+def test_refine_moves_p_up_until_two_to_five_neurons():
+    """Dai et al.'s code: p starts at 0.7 and rises by 0.05 while more than 5 neurons survive. Here 7
+    neurons are in >= 4 of 5 prompts (p = 0.7, 0.75, 0.8 all need 4), and only 3 are in all 5, which
+    p = 0.85 (needs 5) keeps. The fixed-p rule keeps the 7. (1, 0) sits exactly at 0.2 × max: kept (≥)."""
+    per = _bag(5, {(0, 1): (0.5, range(5)), (1, 0): (0.2, range(5)),
+                   **{(1, i): (0.6, range(4)) for i in (1, 2, 3, 4)}})
+    r = refine(per)
+    assert r.neurons == [(0, 0), (0, 1), (1, 0)]
+    assert r.share == 0.85 and r.tried == [0.7, 0.75, 0.8, 0.85]
+    fixed = refine(per, min_prompts=1, adaptive=False)
+    assert len(fixed.neurons) == 7 and fixed.tried == [0.7]
+
+
+def test_refine_floor_of_three_prompts_and_the_last_try_stands():
+    """4 prompts: (0, 0) in all, (0, 1) and (0, 2) in 2 each. p falls from 0.7 while fewer than 2
+    neurons survive; at p = 0.5, p·N = 2 but the floor still asks 3 prompts, so after 6 tries (p = 0.45)
+    the loop ends outside 2–5 with the last result, 1 neuron. Without the floor p = 0.5 keeps 3."""
+    per = _bag(4, {(0, 1): (0.5, (0, 1)), (0, 2): (0.5, (2, 3)), (1, 0): (0.5, (0,))})
+    r = refine(per)
+    assert r.neurons == [(0, 0)]
+    assert r.share == 0.45 and r.tried == [0.7, 0.65, 0.6, 0.55, 0.5, 0.45]
+    no_floor = refine(per, min_prompts=1)
+    assert no_floor.neurons == [(0, 0), (0, 1), (0, 2)] and no_floor.share == 0.5
+
+
+def test_refine_refuses_fewer_than_three_prompts():
+    """One prompt: the fixed-p rule keeps its whole coarse set (3 neurons here); the reference rule
+    could keep none, so it refuses."""
+    per = _bag(2, {(0, 1): (0.5, (0, 1)), (1, 3): (0.3, (0,))})
+    assert refine(per[:1], min_prompts=1, adaptive=False).neurons == [(0, 0), (0, 1), (1, 3)]
+    for n in (1, 2):
+        with pytest.raises(TooFewPromptsError, match="at least 3 prompts"):
+            refine(per[:n])
+    with pytest.raises(locate.LocateEditError):
+        refine(per, share=0.0)
+    with pytest.raises(AttributionShapeError):
+        refine(per[0], min_prompts=1)
+
+
+def test_refine_facts_adapts_one_p_to_the_mean_over_facts():
+    """The authors adapt p per relation, on the mean count over its facts. Fact 1 alone (10 prompts:
+    (0, 0) in all, two neurons in 6) drops to p = 0.6 and keeps 3; beside fact 2 (4 neurons in all 3
+    prompts) the mean is 2.5 at p = 0.7, so p stays and fact 1 keeps 1."""
+    fact1 = _bag(10, {(0, 1): (0.5, range(6)), (0, 2): (0.5, range(4, 10))})
+    fact2 = _bag(3, {(0, i): (0.5, range(3)) for i in (3, 4, 5)})
+    joint = refine_facts([fact1, fact2])
+    assert [len(r.neurons) for r in joint] == [1, 4] and joint[0].share == 0.7 and joint[0].tried == [0.7]
+    alone = refine(fact1)
+    assert alone.neurons == [(0, 0), (0, 1), (0, 2)] and alone.tried == [0.7, 0.65, 0.6]
+
+
+PARAPHRASES = ["The Eiffel Tower is in the city of", "Where is the Eiffel Tower? In the city of"]
+
+
+def _request(paraphrases=()) -> Request:
+    return Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", paraphrases=paraphrases)
+
+
+def test_kn_method_refines_over_the_request_and_its_paraphrases(tiny64):
+    """The registered ``kn`` finds the neurons on the rendered prompt and its paraphrases. With 3 prompts
+    the reference keeps the neurons in all three coarse sets (computed here from the raw attributions;
+    no p changes that for N = 3); the single-prompt variant keeps prompt 0's whole coarse set."""
+    lm = tiny64
+    state = [t.clone() for t in lm.hf_model.state_dict().values()]
+    for paraphrases in ((), PARAPHRASES[:1]):
+        with pytest.raises(TooFewPromptsError, match="min_prompts=1"):
+            edit.compute("kn", _request(paraphrases), model=lm, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(state, lm.hf_model.state_dict().values()))
+
+    prompts = [PROMPT, *PARAPHRASES]
+    e = edit.compute("kn", _request(PARAPHRASES), model=lm, steps=2)
+    assert e.hparams["prompts"] == prompts and not e.is_applied
+    per = torch.stack([attribution(lm, p, " Paris", steps=2) for p in prompts])
+    coarse = [{tuple(n) for n in (a >= 0.2 * a.max()).nonzero().tolist()} for a in per]
+    shared = sorted(set.intersection(*coarse))
+    assert shared and [tuple(n) for n in e.hparams["neurons"]] == shared and e.metrics["n_neurons"] == len(shared)
+
+    one = edit.compute("kn", _request(), model=lm, steps=2, min_prompts=1, adaptive=False)
+    assert [tuple(n) for n in one.hparams["neurons"]] == sorted(coarse[0]) and len(coarse[0]) != len(shared)
+
+
+def test_kn_through_the_harness_uses_the_case_paraphrases(tiny64):
+    """The harness hands a case's paraphrase prompts to the method: with 2 of them ``kn`` has its 3
+    prompts; with 1 the case is refused, the model untouched."""
+    def case(paraphrases):
+        return Case(0, "handmade", [_request()], paraphrase_prompts=list(paraphrases),
+                    neighborhood_prompts=["The Colosseum is located in the city of"])
+
+    lm = tiny64
+    state = [t.clone() for t in lm.hf_model.state_dict().values()]
+    res = edit.evaluate("kn", [case(PARAPHRASES)], model=lm, hparams={"steps": 2}, fluency=False, progress=False)
+    assert len(res.records) == 1 and "es" in res.records[0]
+    with pytest.raises(TooFewPromptsError):
+        edit.evaluate("kn", [case(PARAPHRASES[:1])], model=lm, hparams={"steps": 2}, fluency=False, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(state, lm.hf_model.state_dict().values()))
+    assert _request(PARAPHRASES) == _request() and "paraphrases" not in _request(PARAPHRASES).to_dict()
 
 
 def test_knowledge_neurons_json_roundtrip(tmp_path):
@@ -150,12 +263,14 @@ def test_bad_input_raises_before_running(tiny64):
         locate.neurons([PROMPT], " ", model=tiny64)
     with pytest.raises(locate.LayerOutOfRangeError):
         locate.neurons([PROMPT], " Paris", model=tiny64, layers=[5])
+    with pytest.raises(TooFewPromptsError, match="has 2 prompt"):
+        locate.neurons([PROMPT, *PARAPHRASES[:1]], " Paris", model=tiny64)
 
 
 def test_suppressing_knowledge_neurons_beats_random_on_default_model(lm):
-    prompts = [PROMPT, "The Eiffel Tower is in the city of"]
+    prompts = [PROMPT, "The Eiffel Tower is in the city of"]  # two prompts: below the reference's 3
     kn = locate.neurons(prompts, " Paris", model=lm, steps=4, layers=list(range(0, 30, 5)),
-                        threshold=0.1, share=1.0, progress=False)
+                        threshold=0.1, share=1.0, min_prompts=2, adaptive=False, progress=False)
     assert len(kn) > 0
     v = locate.verify_neurons(kn, model=lm, n_random=3)
     assert v.suppress_rel < v.random_suppress_rel - 0.2

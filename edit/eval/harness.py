@@ -249,6 +249,15 @@ def _describe_hparams(hp: dict) -> dict:
 NONE = "none"  # the unedited model: the baseline row of every table
 
 
+def _requests(c: Case) -> list:
+    """The requests the editor gets for case ``c``: a single-fact case's request carries the case's
+    paraphrase prompts (``Request.paraphrases``, used by methods that attribute over several prompts
+    of the fact, e.g. ``kn``); a multi-fact case's requests go as they are."""
+    if len(c.requests) == 1 and c.paraphrase_prompts:
+        return [dataclasses.replace(c.request, paraphrases=tuple(c.paraphrase_prompts))]
+    return list(c.requests)
+
+
 def _edits(m: EditMethod | None, requests, lm, hp, rt) -> list[Edit]:
     return [] if m is None else write(m, requests, model=lm, hparams=hp, runtime=rt)
 
@@ -326,7 +335,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                         records += [store.done[k] for k in keys]
                         pb.update(len(g))
                         continue
-                    reqs = [r for c in g for r in c.requests]
+                    reqs = [r for c in g for r in _requests(c)]
                     with Measure(lm.device) as meas:
                         edits = _edits(m, reqs, lm, hp, rt)
                     try:
@@ -422,7 +431,7 @@ def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, wit
             r.n_batches = n
             score(lm, r)
         return records, curve
-    run = sequential(None, m, model=lm, batches=[c.requests for c in cases], hparams=hp, runtime=rt,
+    run = sequential(None, m, model=lm, batches=[_requests(c) for c in cases], hparams=hp, runtime=rt,
                      callback=score, replay=replay, on_batch=on_batch, progress=progress)
     run.revert()
     return records, curve

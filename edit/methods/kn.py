@@ -13,8 +13,13 @@ Both return an :class:`edit.Edit` of rank ``k`` per layer, stored exactly as ``l
 ``right`` is the one-hot selection of the layer's ``k`` neurons (so applying adds exactly the
 intended columns) and revertible bit-for-bit like every other edit.
 
-Registered as ``kn``: the fact's neurons are found for ``rendered prompt -> target_true`` with
-:func:`locate.neurons` and their slots rewritten toward ``target_new`` (§5.1).
+Registered as ``kn``: the fact's neurons are found for ``target_true`` over the request's rendered
+prompt and its paraphrases (``Request.paraphrases``; the evaluation harness passes a case's paraphrase
+prompts) with :func:`locate.neurons`, refined as the authors' code does (shared by at least 3 prompts,
+p adapted toward 2–5 neurons), and their slots rewritten toward ``target_new`` (§5.1). A request with
+fewer than ``min_prompts`` prompts is refused (:class:`locate.neurons.TooFewPromptsError`) before any
+work; ``min_prompts=1, adaptive=False`` is the single-prompt variant (every neuron of the one prompt
+above ``threshold`` × max), e.g. for a request that has no paraphrases.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from locate import neurons, resolve_model
 from locate.errors import LocateEditError
-from locate.neurons import KnowledgeNeurons, NoNeuronsError, _by_layer
+from locate.neurons import KnowledgeNeurons, NoNeuronsError, TooFewPromptsError, _by_layer
 
 from ..edit import Edit, WeightDelta
 from ..registry import Runtime, register
@@ -118,30 +123,44 @@ def kn_erase(neurons: KnowledgeNeurons | Iterable[tuple[int, int]] | Sequence[Kn
 
 @dataclass
 class KNHparams:
-    """Dai et al. 2022's settings for finding and updating a fact's neurons."""
+    """Dai et al. 2022's settings for finding and updating a fact's neurons (their code's refinement)."""
 
     steps: int = 20  # Riemann steps of integrated gradients
-    threshold: float = 0.2  # keep neurons with attribution > threshold × max
+    threshold: float = 0.2  # per prompt, keep neurons with attribution ≥ threshold × that prompt's max
+    share: float = 0.7  # starting p: keep neurons in ≥ max(p · N, min_prompts) of the N prompts
+    min_prompts: int = 3  # a neuron is shared by at least this many prompts; fewer prompts are refused
+    adaptive: bool = True  # move p by ±0.05 (at most 6 tries) until the fact has 2–5 neurons
     lambda1: float = 1.0  # weight of −E(old) in each slot update
     lambda2: float = 8.0  # weight of +E(new)
 
 
-@register("kn", KNHparams, batched=False, layers=None, smoke={"steps": 2},
+# smoke: the conformance requests carry no paraphrases, so the tests use the single-prompt variant
+@register("kn", KNHparams, batched=False, layers=None, smoke={"steps": 2, "min_prompts": 1, "adaptive": False},
           description="knowledge-neuron edit: rewrite the value slots of the fact's neurons (Dai et al. 2022)")
 def compute_kn(lm, requests: list[Request], hp: KNHparams, rt: Runtime) -> Edit:
-    """Find the neurons of the old fact (``rendered prompt -> target_true``) and rewrite their value
-    slots toward ``target_new``. When no neuron passes the threshold the edit is empty (the case is
-    scored unedited) and says so in ``metrics``."""
+    """Find the neurons of the old fact (``target_true`` after the rendered prompt and each of
+    ``request.paraphrases``) and rewrite their value slots toward ``target_new``. Fewer than
+    ``hp.min_prompts`` prompts raise :class:`TooFewPromptsError`. When the refinement keeps no neuron the
+    edit is empty (the case is scored unedited) and says so in ``metrics``. ``hparams`` records the
+    prompts used and the p the refinement ended at."""
     (request,) = requests
     if not request.target_true:
         raise LocateEditError(f"a knowledge-neuron edit needs the old answer (target_true) of {request!r}")
-    found = neurons([request.rendered], request.target_true, model=lm, steps=hp.steps, threshold=hp.threshold,
-                    progress=False)
+    prompts = [request.rendered, *request.paraphrases]
+    if len(prompts) < hp.min_prompts:
+        raise TooFewPromptsError(
+            f"kn needs at least min_prompts={hp.min_prompts} prompts of the fact (Dai et al. keep neurons shared "
+            f"by at least 3), but {request!r} has {len(prompts)}: its rendered prompt and {len(request.paraphrases)} "
+            "paraphrase(s). Pass paraphrases (Request.paraphrases; the harness passes a case's paraphrase "
+            "prompts), or set min_prompts=1, adaptive=False to edit from the single prompt")
+    found = neurons(prompts, request.target_true, model=lm, steps=hp.steps, threshold=hp.threshold,
+                    share=hp.share, min_prompts=hp.min_prompts, adaptive=hp.adaptive, progress=False)
     try:
         e = kn_update(found, request.target_new, target_old=request.target_true, lambda1=hp.lambda1,
                       lambda2=hp.lambda2, model=lm)
     except NoNeuronsError:
         e = Edit("kn", [request], [], lm.fingerprint, lm.name, metrics={"n_neurons": 0})
-    e.method, e.requests, e.hparams = "kn", [request], {**asdict(hp), **e.hparams}
+    e.method, e.requests = "kn", [request]
+    e.hparams = {**asdict(hp), **e.hparams, "prompts": found.prompts, "share_used": found.params["share_used"]}
     e.metrics.setdefault("n_neurons", sum(d.rank or 0 for d in e.deltas))
     return e
