@@ -223,9 +223,14 @@ def load_zsre(path: str | Path, n: int | None = None, *, target_field: str = "al
 
 # --------------------------------------------------------------------------- MQuAKE
 def load_mquake(path: str | Path, n: int | None = None) -> list[Case]:
-    """MQuAKE multi-hop cases: every requested rewrite of a case becomes a request (they are applied
-    together), and the multi-hop questions, whose answer after the edits is ``new_answer`` (or one of
-    its aliases), are the portability probes."""
+    """MQuAKE multi-hop cases (Zhong et al. 2023): every requested rewrite of a case becomes a request
+    (they are applied together), and the three multi-hop questions, whose answer after the edits is
+    ``new_answer`` (or one of ``new_answer_alias``), are the portability probes.
+
+    ``extra`` keeps what the MQuAKE metrics (:func:`edit.eval.metrics.score_mquake`) need: the chain
+    of facts after editing (``new_single_hops``: question, cloze, answer, answer_alias per hop), each
+    hop's Wikidata relation (``new_hop_relations``, from ``orig.new_triples``) and, for each request,
+    the index of the hop it edits (``edited_hops``, matched by the rewrite's ``question``)."""
     path = Path(path)
     data = _first(_read(path, "MQuAKE"), n)
     cases = []
@@ -234,10 +239,17 @@ def load_mquake(path: str | Path, n: int | None = None) -> list[Case]:
         reqs = [Request(rw["prompt"], rw["subject"], _space(rw["target_new"]["str"]), _space(rw["target_true"]["str"]))
                 for rw in r["requested_rewrite"]]
         answers = tuple(_space(a) for a in [r["new_answer"], *r.get("new_answer_alias", [])])
+        hops = list(r.get("new_single_hops", []))
+        hop_questions = [h.get("question") for h in hops]
+        edited = [hop_questions.index(rw["question"]) if rw.get("question") in hop_questions else None
+                  for rw in r["requested_rewrite"]]
+        triples = (r.get("orig") or {}).get("new_triples", [])
+        relations = [t[1] for t in triples] if len(triples) == len(hops) else [None] * len(hops)
         cases.append(Case(r["case_id"], "mquake", reqs,
                           portability=[Probe(q, answers) for q in r["questions"]],
                           extra={"answer": r.get("answer"), "single_hops": r.get("single_hops", []),
-                                 "new_single_hops": r.get("new_single_hops", [])}))
+                                 "new_single_hops": hops, "new_hop_relations": relations,
+                                 "edited_hops": edited}))
     return cases
 
 

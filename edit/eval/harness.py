@@ -50,7 +50,7 @@ from ..edit import Edit
 from ..registry import EditMethod, Runtime, get_method, write
 from .datasets import Case
 from ..stats import token_stream
-from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, perplexity, reference_predictions, score_case
+from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, perplexity, reference_predictions, score_case, score_mquake
 from .sequential import sequential
 
 MODES = ("single", "batch", "sequential")
@@ -171,7 +171,8 @@ COLUMNS = [
     ("ES", "es", 100), ("PS", "ps", 100), ("NS", "ns", 100), ("S", "score", 100),
     ("EM", "em", 100), ("PM", "pm", 100), ("NM", "nm", 100),
     ("Rel.", "rewrite_acc", 100), ("Gen.", "paraphrase_acc", 100), ("Loc.", "locality", 100),
-    ("Port.", "portability", 100), ("Flu.", "fluency", 1),
+    ("Port.", "portability", 100), ("MH", "mquake_multihop", 100), ("EW", "mquake_edit_wise", 100),
+    ("Flu.", "fluency", 1),
     ("PPL", "perplexity", 1), ("s/edit", "edit_seconds", 1), ("MB", "peak_memory_mb", 1),
 ]
 
@@ -249,6 +250,14 @@ def _describe_hparams(hp: dict) -> dict:
 NONE = "none"  # the unedited model: the baseline row of every table
 
 
+def _score(lm, case: Case, *, mquake: dict, **kw) -> dict:
+    """:func:`score_case`, plus MQuAKE's generated-answer metrics for an MQuAKE case."""
+    rec = score_case(lm, case, **kw)
+    if case.dataset == "mquake":
+        rec.update(score_mquake(lm, case, **mquake))
+    return rec
+
+
 def _requests(c: Case) -> list:
     """The requests the editor gets for case ``c``: a single-fact case's request carries the case's
     paraphrase prompts (``Request.paraphrases``, used by methods that attribute over several prompts
@@ -266,7 +275,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
              batch_size: int = 10, checkpoints: Sequence[int] | None = None, out: str | Path | None = None,
              resume: bool = True, fluency: bool | int = True, gen_length: int = 100, normalize: str = "sum",
              seed: int = 0, progress: bool = True, corpus=None, stats: dict | None = None,
-             data_dir: str | Path | None = None, perplexity_corpus=None, perplexity_tokens: int = 20_000) -> Results:
+             data_dir: str | Path | None = None, perplexity_corpus=None, perplexity_tokens: int = 20_000,
+             mquake: dict | None = None) -> Results:
     """Edit with ``method`` (a registered name, or ``"none"``) and score, over ``cases``. See the module
     docstring for the modes.
 
@@ -280,7 +290,9 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     the whole target) or ``"mean"`` (the ROME code's per-token mean) for the probability comparisons.
     ``perplexity_corpus``: in sequential mode, the perplexity of its first ``perplexity_tokens`` tokens
     (e.g. WikiText-2 test) is measured before any edit and at every checkpoint (``curve[n]["perplexity"]``,
-    ``curve[0]`` for the unedited model), a general-ability check."""
+    ``curve[0]`` for the unedited model), a general-ability check. MQuAKE cases are also scored by
+    :func:`edit.eval.metrics.score_mquake` (multi-hop, edit-wise and instance-wise accuracy from greedy
+    answers); ``mquake`` holds its options (``few_shot``, ``match``, ``max_new_tokens``, ``relation_prompts``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cases = list(cases)
@@ -298,6 +310,8 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                 "gen_length": gen_length, "normalize": normalize, "seed": seed}
     if mode == "batch":
         settings["batch_size"] = batch_size
+    if any(c.dataset == "mquake" for c in cases):  # runs scored before these metrics existed do not resume
+        settings["mquake"] = {"scoring": "generated answers", **(mquake or {})}
     if mode == "sequential":
         checkpoints = sorted(set(checkpoints or [k for k in (1, 10, 50, 100, 200, 500, 1000, 2000) if k < len(cases)]
                                  + [len(cases)]))
@@ -309,7 +323,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     store = _Store(out, settings, resume)
     if layers_reason:
         settings["layers_reason"] = layers_reason  # reported, not part of the resume key
-    score_kw = dict(normalize=normalize, gen_length=gen_length, seed=seed)
+    score_kw = dict(normalize=normalize, gen_length=gen_length, seed=seed, mquake=mquake or {})
     position = {id(c): i for i, c in enumerate(cases)}
 
     def with_fluency(c) -> bool:
@@ -341,7 +355,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                     try:
                         for c, k in zip(g, keys):
                             rec = {"key": k, "case_id": c.case_id, "method": method,
-                                   **score_case(lm, c, reference=refs.get(c.case_id), fluency=with_fluency(c), **score_kw)}
+                                   **_score(lm, c, reference=refs.get(c.case_id), fluency=with_fluency(c), **score_kw)}
                             rec["edit_seconds"] = meas.seconds / len(reqs) if edits else None
                             rec["peak_memory_mb"] = meas.peak_mb if edits else None
                             rec["n_requests_in_edit"] = len(reqs)
@@ -409,8 +423,8 @@ def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, wit
             k = f"{n}/{prev.case_id}"
             if k not in store.done:
                 store.add({"key": k, "case_id": prev.case_id, "method": method, "n_edits": n,
-                           **score_case(lm, prev, reference=refs.get(prev.case_id), fluency=with_fluency(prev),
-                                        **score_kw)})
+                           **_score(lm, prev, reference=refs.get(prev.case_id), fluency=with_fluency(prev),
+                                    **score_kw)})
             cp_records.append(store.done[k])
         costs = [store.done[f"cost/{p.case_id}"] for p in cases[:n] if f"cost/{p.case_id}" in store.done]
         agg = aggregate(cp_records)

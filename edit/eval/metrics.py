@@ -21,6 +21,12 @@ zsRE and the knowledge-editing survey (Yao et al. 2023): teacher-forced top-1 to
 target on the edit prompt (Reliability) and on the rephrase (Generality); Locality is the fraction of
 the locality answer's tokens on which the edited model's top-1 prediction equals the unedited
 model's; Portability is the teacher-forced token accuracy of the portability answer.
+
+MQuAKE (Zhong et al. 2023, §3.3) scores generated answers (:func:`score_mquake`): multi-hop accuracy
+counts a case correct if ANY of its three questions is answered with the new answer or an alias;
+edit-wise success is the fraction of all edited facts whose cloze statement the edited model completes
+with the new object; instance-wise accuracy asks every fact of the post-edit chain. The teacher-forced
+Portability above stays beside them as the per-question token accuracy.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from locate.errors import LocateEditError
 
 CONSISTENCY_NOT_AVAILABLE = "not available: needs tf-idf data we do not have"
 
@@ -277,12 +285,13 @@ def score_case(lm, case, *, reference: dict | None = None, normalize: str = "sum
 
 # Metric keys averaged over cases, in the order tables show them.
 METRICS = ("es", "ps", "ns", "em", "pm", "nm", "rewrite_acc", "paraphrase_acc", "locality", "locality_acc",
-           "portability", "portability_em", "fluency", "p_new", "p_true")
+           "portability", "portability_em", "mquake_multihop", "mquake_question_acc", "mquake_instance",
+           "fluency", "p_new", "p_true")
 
 
 def aggregate(records: Sequence[dict]) -> dict:
-    """Means over cases of every metric present, S = HarmonicMean(ES, PS, NS) of those means, and
-    the consistency note."""
+    """Means over cases of every metric present, S = HarmonicMean(ES, PS, NS) of those means, MQuAKE's
+    edit-wise success pooled over all edits (:func:`mquake_edit_wise`), and the consistency note."""
     agg: dict = {"n_cases": len(records)}
     for k in METRICS:
         vals = [r[k] for r in records if k in r and r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
@@ -291,12 +300,217 @@ def aggregate(records: Sequence[dict]) -> dict:
             agg[k + "_std"] = float(np.std(vals))
     if all(k in agg for k in ("es", "ps", "ns")):
         agg["score"] = harmonic_mean([agg["es"], agg["ps"], agg["ns"]])
+    if mquake_edit_wise(records) is not None:  # pooled over edits, not averaged over cases
+        agg["mquake_edit_wise"] = mquake_edit_wise(records)
     for k in ("edit_seconds", "peak_memory_mb"):
         vals = [r[k] for r in records if r.get(k) is not None]
         if vals:
             agg[k] = float(np.mean(vals))
     agg["consistency"] = CONSISTENCY_NOT_AVAILABLE
     return agg
+
+
+# --------------------------------------------------------------------------- MQuAKE (generated answers)
+class MQuAKEScoringError(LocateEditError, ValueError):
+    """MQuAKE scoring was asked for something it cannot do (an unknown match rule, no questions)."""
+
+
+# In-context demonstrations for the multi-hop questions, in the format of the MQuAKE repository's
+# prompts/multihop-prompts.txt ("Q: <question> A: <answer>", one per line, single- and multi-hop
+# questions mixed). These are our own facts; pass that file's text as ``few_shot`` for the paper's.
+MQUAKE_FEW_SHOT = "\n".join([
+    "Q: What is the capital of the country where the Eiffel Tower is located? A: Paris",
+    "Q: Who wrote Hamlet? A: William Shakespeare",
+    "Q: What is the official language of the country where Mount Fuji is located? A: Japanese",
+    "Q: In which country is the company that produces the Volkswagen Golf headquartered? A: Germany",
+    "Q: Which continent is the country whose capital is Nairobi located in? A: Africa",
+    "Q: What is the currency of the country where the Acropolis is located? A: Euro",
+    "Q: Which sport is Lionel Messi associated with? A: association football",
+    "Q: What is the country of citizenship of the painter of Guernica? A: Spain",
+])
+
+MQUAKE_MATCH = ("exact", "casefold", "loose")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NOT_WORD = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str, match: str = "exact") -> str:
+    """An answer string as the ``match`` rule compares it.
+
+    ``exact``: surrounding whitespace removed, nothing else (the MQuAKE repository's MeLLo code takes
+    the answer line stripped and tests ``ans == new_answer or ans in new_answer_alias``). ``casefold``:
+    also case-folded (EasyEdit's port of the same check lower-cases). ``loose``: SQuAD's normalisation
+    (lower case, punctuation and the articles a/an/the removed, runs of whitespace collapsed)."""
+    if match == "exact":
+        return text.strip()
+    if match == "casefold":
+        return text.strip().casefold()
+    if match == "loose":
+        return " ".join(_ARTICLES.sub(" ", _NOT_WORD.sub(" ", text.lower())).split())
+    raise MQuAKEScoringError(f"match must be one of {MQUAKE_MATCH}, got {match!r}")
+
+
+def answer_line(continuation: str) -> str:
+    """The model's answer to a ``Q: ... A:`` prompt: its continuation up to the first newline, stripped."""
+    return continuation.split("\n", 1)[0].strip()
+
+
+def answer_correct(continuation: str, answers: Sequence[str], match: str = "exact") -> bool:
+    """Question rule: the answer line equals, under ``match``, the answer or one of its aliases."""
+    got = normalize_answer(answer_line(continuation), match)
+    return any(got == normalize_answer(a, match) for a in answers)
+
+
+def cloze_recalled(continuation: str, answers: Sequence[str], match: str = "exact") -> bool:
+    """Cloze rule (a statement such as "Hey Jude was performed by" has no end marker, so the model
+    goes on after the object): the answer line begins, under ``match``, with the answer or an alias,
+    followed by the end of the line or a character that is not a letter or digit."""
+    got = normalize_answer(answer_line(continuation), match)
+    for a in answers:
+        want = normalize_answer(a, match)
+        if want and got.startswith(want) and (len(got) == len(want) or not got[len(want)].isalnum()):
+            return True
+    return False
+
+
+def mquake_question_prompt(question: str, few_shot: str = MQUAKE_FEW_SHOT) -> str:
+    """``few_shot`` demonstrations, then ``Q: <question> A:`` on a new line."""
+    return (few_shot.rstrip("\n") + "\n" if few_shot else "") + f"Q: {question} A:"
+
+
+@torch.no_grad()
+def greedy_generate(lm, prompts: Sequence[str], *, max_new_tokens: int = 20, stop: str | None = "\n",
+                    batch_size: int = 32) -> list[str]:
+    """Greedy (argmax) continuations of ``prompts``, the continuation only: at most ``max_new_tokens``
+    tokens, a row ending at EOS or once its text contains ``stop`` (the text is cut before ``stop``).
+    Rows are left-padded into batches of ``batch_size`` and decoded with a key/value cache."""
+    if max_new_tokens < 1:
+        raise MQuAKEScoringError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        out += _greedy_batch(lm, list(prompts[s:s + batch_size]), max_new_tokens, stop)
+    return out
+
+
+def _greedy_batch(lm, prompts: list[str], max_new_tokens: int, stop: str | None) -> list[str]:
+    rows = [lm.encode(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad_id = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's next token is predicted at the last column
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    step_ids, step_pos = ids, (mask.cumsum(1) - 1).clamp(min=0)
+    eos = lm.tokenizer.eos_token_id
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    past = None
+    for _ in range(max_new_tokens):
+        res = lm.hf_model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                          past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = res.logits[:, -1].float().argmax(-1).cpu()
+        for i in range(len(rows)):
+            if done[i]:
+                continue
+            tok = int(nxt[i])
+            if tok == eos:
+                done[i] = True
+                continue
+            new[i].append(tok)
+            if stop is not None and stop in lm.tokenizer.decode(new[i], skip_special_tokens=True):
+                done[i] = True
+        if all(done):
+            break
+        step_ids = nxt.unsqueeze(1).to(lm.device)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], 1)
+    texts = [lm.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    return [t.split(stop, 1)[0] if stop is not None else t for t in texts]
+
+
+def _mquake_edits_and_chain(case) -> tuple[list[tuple[str, tuple[str, ...]]], list[dict], list[int | None]]:
+    """The edited facts (cloze prompt, accepted answers) of a case, the chain of facts after editing
+    (``extra["new_single_hops"]``, empty when the case has none) and, per hop, the edit it is (or None)."""
+    hops = list(case.extra.get("new_single_hops") or [])
+    edited_hops = list(case.extra.get("edited_hops") or [None] * len(case.requests))
+    edits, edit_of_hop = [], [None] * len(hops)
+    for j, (r, k) in enumerate(zip(case.requests, edited_hops)):
+        aliases = tuple(hops[k].get("answer_alias", [])) if k is not None else ()
+        edits.append((r.rendered, (r.target_new.strip(), *aliases)))
+        if k is not None:
+            edit_of_hop[k] = j
+    return edits, hops, edit_of_hop
+
+
+def score_mquake(lm, case, *, few_shot: str = MQUAKE_FEW_SHOT, match: str = "exact", max_new_tokens: int = 20,
+                 relation_prompts: dict[str, str] | None = None, batch_size: int = 32, generate=None) -> dict:
+    """MQuAKE's metrics on the model as it is now (Zhong et al. 2023, §3.3), from generated answers.
+
+    With f* the edited model, a case d = (edits E_d, chain of facts after editing C*_d, three
+    multi-hop questions Q_d, new answer a* with its aliases):
+
+        multi-hop accuracy    1[ OR_{q in Q_d}  f*(q) = a* ]                       (any of the 3)
+        edit-wise success     sum_{(s,r,o*) in E_d} 1[ f*(t_r(s)) = o* ]  /  |E_d|
+        instance-wise         1[ AND_{(s,r,o) in C*_d}  f*(hop) = o ]              (the whole chain)
+
+    Each multi-hop question is asked after ``few_shot`` in-context demonstrations as
+    ``Q: <question> A:`` (the paper's standard prompting; :data:`MQUAKE_FEW_SHOT` are our own
+    demonstrations in its format), the answer is the greedy continuation up to the first newline
+    (at most ``max_new_tokens`` tokens), and it is correct if it equals ``new_answer`` or one of
+    ``new_answer_alias`` under ``match`` (:func:`normalize_answer`; ``"exact"``, the reference, only
+    strips whitespace). An edited fact is asked with its own cloze statement and no demonstrations, as
+    in the paper; its greedy continuation must begin with ``target_new`` or an alias of that hop
+    (:func:`cloze_recalled`). The chain's unedited hops are asked the same way, with their cloze
+    statements, unless ``relation_prompts`` (relation id -> demonstrations, e.g. the MQuAKE
+    repository's prompts/rel-prompts.json, which the paper uses) is given: then as questions after
+    their relation's demonstrations, with the question rule.
+
+    ``generate``: a function from a list of prompts to their continuations, in place of greedy
+    decoding on ``lm`` (tests; another decoder). Returns per case ``mquake_multihop`` (0/1),
+    ``mquake_question_acc`` (the fraction of the three questions answered, for comparison with the
+    any-of-three rule), ``mquake_answers``, ``mquake_edits_recalled`` of ``mquake_n_edits`` (and their
+    ratio ``mquake_edit_wise``), ``mquake_edit_answers`` and, when the case carries its chain,
+    ``mquake_instance`` (0/1). :func:`aggregate` pools edit-wise success over all edits, as the paper
+    defines it, not over cases."""
+    if match not in MQUAKE_MATCH:
+        raise MQuAKEScoringError(f"match must be one of {MQUAKE_MATCH}, got {match!r}")
+    if not case.portability:
+        raise MQuAKEScoringError(f"case {case.case_id!r} has no multi-hop questions (portability probes)")
+    gen = generate if generate is not None else (
+        lambda prompts: greedy_generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
+    said = gen([mquake_question_prompt(p.prompt, few_shot) for p in case.portability])
+    right = [answer_correct(t, p.answers, match) for t, p in zip(said, case.portability)]
+
+    edits, hops, edit_of_hop = _mquake_edits_and_chain(case)
+    asked = [(k, h) for k, h in enumerate(hops) if edit_of_hop[k] is None]  # unedited hops of the chain
+    rel = list(case.extra.get("new_hop_relations") or [None] * len(hops))
+    as_question = [bool(relation_prompts) and rel[k] in relation_prompts for k, _ in asked]
+    prompts = [p for p, _ in edits] + [mquake_question_prompt(h["question"], relation_prompts[rel[k]]) if q
+                                       else h["cloze"] for (k, h), q in zip(asked, as_question)]
+    texts = gen(prompts) if prompts else []
+    recalled = [cloze_recalled(t, a, match) for t, (_, a) in zip(texts, edits)]
+    out = {"mquake_multihop": float(any(right)), "mquake_question_acc": _mean([float(x) for x in right]),
+           "mquake_answers": [answer_line(t) for t in said],
+           "mquake_edits_recalled": int(sum(recalled)), "mquake_n_edits": len(edits),
+           "mquake_edit_wise": _mean([float(x) for x in recalled]),
+           "mquake_edit_answers": [answer_line(t) for t in texts[:len(edits)]]}
+    if hops:
+        hop_ok = [recalled[edit_of_hop[k]] for k in range(len(hops)) if edit_of_hop[k] is not None]
+        for (k, h), q, t in zip(asked, as_question, texts[len(edits):]):
+            accepted = (h["answer"], *h.get("answer_alias", []))
+            hop_ok.append(answer_correct(t, accepted, match) if q else cloze_recalled(t, accepted, match))
+        out["mquake_instance"] = float(all(hop_ok))
+    return out
+
+
+def mquake_edit_wise(records: Sequence[dict]) -> float | None:
+    """Edit-wise success rate over every edit of ``records`` (MQuAKE pools the edits, so a case with
+    four edits weighs four times a case with one); None when no record has MQuAKE edits."""
+    n = sum(int(r.get("mquake_n_edits") or 0) for r in records)
+    return sum(int(r.get("mquake_edits_recalled") or 0) for r in records) / n if n else None
 
 
 # --------------------------------------------------------------------------- correlation (layer sweeps)
