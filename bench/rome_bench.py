@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--layer", default="auto")
     ap.add_argument("--stats-tokens", type=int, default=None)
-    ap.add_argument("--key", default="averaged", choices=["averaged", "original"])
+    ap.add_argument("--key", default="original", choices=["averaged", "original"])
     ap.add_argument("--fast", action="store_true", help="1 + 5 context templates instead of the paper's 1 + 20")
     args = ap.parse_args()
 

@@ -9,7 +9,8 @@ edit fires for the subject in many contexts:
 Templates follow the reference code: the bare "{}" plus, for each (length, count) in ``lengths``,
 ``count`` samples of at most ``length`` tokens (top-k 5 sampling), started from the model-neutral words
 "The", "Therefore", "Because", "I", "You" (as MEMIT's code does, so no architecture-specific start
-token is needed), with braces removed and ". {}" appended. The ROME defaults ((5, 10), (10, 10)) give
+token is needed), normalised as the reference normalises generated text (NFKD, blank lines to a space),
+with braces removed and ". {}" appended. The ROME defaults ((5, 10), (10, 10)) give
 21 templates. They are seeded, and cached per model and library versions (memory, and JSON under
 ``locate.cache_dir()/context/``).
 """
@@ -17,6 +18,7 @@ token is needed), with braces removed and ". {}" appended. The ROME defaults ((5
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -28,6 +30,11 @@ from .request import Request
 
 ROME_TEMPLATE_LENGTHS = ((5, 10), (10, 10))
 _STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+def normalize_generation(text: str) -> str:
+    """The reference's clean-up of generated text (``util/generate.py``): NFKD, "\n\n" -> " "."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
 @torch.no_grad()
@@ -42,14 +49,15 @@ def sample(lm, prompt: str, n: int, n_new: int, generator: torch.Generator, top_
         pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=generator).to(top.indices.device)
         step = top.indices.gather(-1, pick)
         out.append(step)
-    return lm.tokenizer.batch_decode(torch.cat(out, 1), skip_special_tokens=True)
+    texts = lm.tokenizer.batch_decode(torch.cat(out, 1), skip_special_tokens=True)
+    return [normalize_generation(t) for t in texts]
 
 
 def context_templates(model=None, *, seed: int = 0, lengths: Sequence[tuple[int, int]] = ROME_TEMPLATE_LENGTHS,
                       cache: bool = True) -> list[str]:
     """``["{}", "<prefix>. {}", ...]``: the bare template plus model-generated prefixes, seeded."""
     lm = resolve_model(model)
-    key = f"{derived_cache_key(lm)}-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)
+    key = f"{derived_cache_key(lm)}-v2-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)  # v2: normalised
     memo = lm.__dict__.setdefault("_context_templates", {})
     if key in memo:
         return list(memo[key])
@@ -95,13 +103,26 @@ def subject_last_token(lm, template: str, request: Request) -> tuple[list[int], 
     return ids, inside[-1]
 
 
-def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequence[str]) -> torch.Tensor:
-    """k* for each request: the MLP key of ``layer`` at the subject's last token, averaged over the
-    prompt placed in every template. Returns (B, d_mlp) in the model's dtype."""
+def template_groups(lengths: Sequence[tuple[int, int]]) -> list[int]:
+    """The sizes of the groups :func:`context_templates` returns its templates in: the bare "{}", then
+    ``count`` templates for each ``(length, count)``."""
+    return [1] + [int(count) for _, count in lengths]
+
+
+def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequence[str],
+                 groups: Sequence[int] | None = None) -> torch.Tensor:
+    """k* for each request: the MLP key of ``layer`` at the subject's last token of the prompt placed in
+    every template, averaged. Returns (B, d_mlp) in the model's dtype.
+
+    ``groups=None`` weighs every template alike (ROME's ``compute_u``). ``groups`` (sizes of consecutive
+    runs of ``templates``, e.g. :func:`template_groups`) averages within each group first and then across
+    the groups, as MEMIT's ``compute_ks`` does: with ``[1, 5]`` the bare prompt weighs 1/2, not 1/6."""
     lm = resolve_model(model)
     lm.check_layer(layer)
     if not templates or any(t.count("{}") != 1 for t in templates):
         raise ValueError("every context template must contain exactly one '{}'")
+    if groups is not None and (sum(groups) != len(templates) or any(g < 1 for g in groups)):
+        raise ValueError(f"template groups {list(groups)} do not partition the {len(templates)} templates")
     rows, pos = [], []
     for r in requests:
         r.check(lm)
@@ -109,8 +130,10 @@ def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequ
             ids, i = subject_last_token(lm, t, r)
             rows.append(ids)
             pos.append(i)
-    keys = capture_at(lm, rows, pos, lm.hook_mlp_key(layer))
-    return keys.reshape(len(requests), len(templates), -1).mean(1)
+    keys = capture_at(lm, rows, pos, lm.hook_mlp_key(layer)).reshape(len(requests), len(templates), -1)
+    if groups is None:
+        return keys.mean(1)
+    return torch.stack([g.mean(1) for g in keys.split(list(groups), dim=1)], 1).mean(1)
 
 
 def templates_for(lm, rt, lengths: Sequence[tuple[int, int]]) -> list[str]:

@@ -4,13 +4,19 @@ For each request i we look for a vector δ_i that, added to the hidden state at 
 subject's last token, makes the model say the new target:
 
     δ_i = argmin_δ  1/N Σ_j −log P[o* | x_j + p_i ; h += δ]                 (target NLL, teacher forced)
-                   + λ_KL · D_KL( P[· | p'_i] ‖ P[· | p'_i ; h += δ] )      (essence drift, p' = "{s} is a")
+                   + λ_KL · D_KL( P[· | p'_i ; h += δ] ‖ P[· | p'_i] )      (essence drift, p' = "{s} is a")
                    + λ_wd · ‖δ‖ / ‖h_0‖²                                     (weight decay)
     subject to ‖δ‖ ≤ c · ‖h_0‖                                               (norm clamp)
 
 where x_j are the context templates, h_0 is the current value at the site at the subject's last token
 of the un-prefixed prompt, and the NLL of a multi-token target is the mean of its tokens' NLLs with the
 earlier target tokens given (teacher forcing). The target value is then v*_i = h_0,i + δ_i.
+
+The essence-drift term follows the reference code (``rome/compute_v.py``, ``memit/compute_z.py``) on
+both of its choices: the divergence is KL(edited ‖ original), the order of ROME eq. 4, and the two
+distributions are read at the *subject's last token* of p' (where δ is added), not after the whole of
+"{s} is a". ``kl_position="prompt_last"`` reads them after "is a" instead, as eq. 4's notation
+P[x | p'] suggests; the order is not an option (the reverse order was a bug of this toolkit's own).
 
 Sites: ``"mlp_out"`` (the MLP output of layer l, ROME) or ``"resid"`` (the residual stream after
 block L, MEMIT). Requests are independent: each has its own δ_i, the loss is the sum of the
@@ -29,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locate import resolve_model
-from locate.errors import EditFailedError
+from locate.errors import EditFailedError, InvalidHparamsError
 
 from ._prefix import split_rows, suffix_hidden
 from .context import capture_at, subject_last_token
@@ -48,6 +54,7 @@ class VStarHparams:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     stop_loss: float = 5e-2
+    kl_position: str = "subject_last"  # where the KL distributions are read: reference "subject_last" | "prompt_last"
 
 
 @dataclass
@@ -92,6 +99,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
         raise ValueError("no requests")
     if not templates or any(t.count("{}") != 1 for t in templates):
         raise ValueError("every context template must contain exactly one '{}'")
+    if hp.kl_position not in ("subject_last", "prompt_last"):
+        raise InvalidHparamsError(f"kl_position must be 'subject_last' or 'prompt_last', got {hp.kl_position!r}")
     B, T = len(requests), len(templates)
 
     # ---- the prompts: B*T rewrite rows (template + prompt + target[:-1]), then B essence rows
@@ -122,7 +131,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
     sb = split_rows(lm, rows, sub_pos)
     owner_idx = torch.as_tensor(owner, device=dev)
     kl_rows = torch.arange(n_rewrite, len(rows), device=dev)
-    kl_last = torch.as_tensor([len(r) - 1 for r in rows[n_rewrite:]], device=dev)
+    kl_read = sub_pos[n_rewrite:] if hp.kl_position == "subject_last" else [len(r) - 1 for r in rows[n_rewrite:]]
+    kl_last = torch.as_tensor(kl_read, device=dev)
 
     # target token log-prob gather indices, and each rewrite row's token count
     g_row, g_pos, g_tok, g_owner, g_w = [], [], [], [], []
@@ -166,7 +176,8 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
             kl_logp = logits[len(g_row):].log_softmax(-1)
             if init_kl is None:
                 init_kl = kl_logp.detach().clone()
-            kl = torch.nn.functional.kl_div(kl_logp, init_kl, log_target=True, reduction="none").sum(-1)
+            # D_KL(P_edited ‖ P_original) = Σ_x P_edited(x) (log P_edited(x) − log P_original(x))
+            kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(-1)
             wd = hp.weight_decay * delta.norm(dim=-1) / h0_norm ** 2
             loss = nll + hp.kl_factor * kl + wd
             if not torch.isfinite(loss).all():

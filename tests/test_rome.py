@@ -37,7 +37,7 @@ def _weights(lm):
 def test_edit_object_records_what_the_issue_asks(eiffel):
     assert eiffel.method == "rome" and eiffel.layers == [LAYER] and eiffel.deltas[0].rank == 1
     assert "chosen by the caller" in eiffel.layer_reason
-    assert eiffel.hparams["key"] == "averaged" and eiffel.hparams["stats_tokens"] == 20_000
+    assert eiffel.hparams["key"] == "original" and eiffel.hparams["stats_tokens"] == 20_000
     assert {"stats_s", "key_s", "v_star_s", "total_s"} <= set(eiffel.timings)
     assert len(eiffel.loss_trace) == eiffel.metrics["v_star_steps"] >= 1
     assert eiffel.loss_trace[-1] < eiffel.loss_trace[0]
@@ -50,10 +50,10 @@ def test_new_key_maps_to_v_star_and_fact_flips_and_unrelated_stays(lm, eiffel):
     assert lm.predict(EIFFEL.rendered, 1)[0].token == " Paris"
     with edit.applied(lm, eiffel):
         W = lm.mlp_out_weight(LAYER).double()
-        v = W @ eiffel.k_star.double()
+        v = W @ eiffel.k_lambda.double()
         if lm.mlp_out_bias(LAYER) is not None:
             v = v + lm.mlp_out_bias(LAYER).double()
-        assert ((v - eiffel.v_star.double()).norm() / eiffel.v_star.double().norm()) < 1e-4  # W' k* = v*
+        assert ((v - eiffel.v_star.double()).norm() / eiffel.v_star.double().norm()) < 1e-4  # W' k = v* (k of Λ)
         after = _weights(lm)
         changed = [l for l in range(lm.n_layers) if not torch.equal(after[l], before[l])]
         assert changed == [LAYER]
@@ -115,7 +115,7 @@ def test_rome_runs_on_every_tiny_architecture(tiny):
     try:
         W = tiny.mlp_out_weight(0).double()
         b = tiny.mlp_out_bias(0)
-        v = W @ e.k_star.double() + (0 if b is None else b.double())
+        v = W @ e.k_lambda.double() + (0 if b is None else b.double())
         assert ((v - e.v_star.double()).norm() / e.v_star.double().norm()) < 1e-4
     finally:
         e.revert()

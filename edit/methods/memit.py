@@ -14,7 +14,9 @@ Step 1 (eq. 16).  For every request find a target hidden state z_i for the resid
 Step 2 (Alg. 1, lines 7-14).  Walk l = l_1 .. L in order, on the model that already carries the
     updates made at the earlier layers:
         h_i^L       the current block-L output at the subject's last token         (recomputed per layer)
-        K_l         the MLP keys k_i^l at the subject's last token, averaged over context templates (eq. 19)
+        K_l         the MLP keys k_i^l at the subject's last token, averaged over context templates (eq. 19;
+                    by default within each template group first, then across groups, as the reference's
+                    compute_ks: ``key_average``)
         R_l         = (z_i − h_i^L) / (L − l + 1)                                   (eq. 20)
         Δ_l         = R_lᵀ K_l (λ C_l + K_lᵀ K_l)⁻¹        [paper: R Kᵀ (C₀ + K Kᵀ)⁻¹, eq. 14]
         W_l        ←  W_l + Δ_l
@@ -54,9 +56,9 @@ import torch
 from tqdm.auto import tqdm
 
 from locate import capture_at, resolve_layers
-from locate.errors import EditFailedError, SingularStatisticsError
+from locate.errors import EditFailedError, InvalidHparamsError, SingularStatisticsError
 
-from ..context import subject_keys, subject_last_token, templates_for
+from ..context import subject_keys, subject_last_token, template_groups, templates_for
 from ..edit import Edit, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import InvalidRequestError, Request
@@ -90,15 +92,22 @@ class WindowHparams:
     v_stop_loss: float | None = None  # early-stop loss (None: 5e-2)
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h₀‖
     kl_factor: float | None = None  # essence-drift KL weight (None: 0.0625)
+    kl_position: str | None = None  # where the KL is read (None: the subject's last token, as the reference)
+    # k_i^l: "grouped" averages the keys within each template group ("{}", then each sampled length) and then
+    # across groups, as memit/compute_ks.py does (the bare prompt weighs 1/2); "uniform" averages all templates
+    # alike, the plain reading of eq. 19 (the bare prompt weighs 1/6)
+    key_average: str = "grouped"
 
     def __post_init__(self):
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
+        if self.key_average not in ("grouped", "uniform"):
+            raise InvalidHparamsError(f"key_average must be 'grouped' or 'uniform', got {self.key_average!r}")
         self.template_lengths = tuple(tuple(x) for x in self.template_lengths)
 
     def vstar_kwargs(self) -> dict:
         names = {"v_steps": "steps", "v_lr": "lr", "v_weight_decay": "weight_decay", "v_stop_loss": "stop_loss",
-                 "clamp_norm_factor": "clamp_norm_factor", "kl_factor": "kl_factor"}
+                 "clamp_norm_factor": "clamp_norm_factor", "kl_factor": "kl_factor", "kl_position": "kl_position"}
         return {v: getattr(self, k) for k, v in names.items() if getattr(self, k) is not None}
 
 
@@ -212,11 +221,13 @@ Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 
 def layer_walk(lm, requests: Sequence[Request], layers: Sequence[int], z: torch.Tensor, templates: Sequence[str],
-               solve: Solve, *, chunk_size: int = 16, rt: Runtime | None = None) -> tuple[list[WeightDelta], list[dict], dict]:
+               solve: Solve, *, chunk_size: int = 16, rt: Runtime | None = None,
+               key_groups: Sequence[int] | None = None) -> tuple[list[WeightDelta], list[dict], dict]:
     """Step 2 (Alg. 1, lines 7-14): for l = l_1 .. L, on the model carrying the updates so far, the keys
     K_l (eq. 19) and residuals R_l = (z − h^L)/(L − l + 1) (eq. 20), then ``solve(l, K, R) -> (left,
     right)`` with Δ_l = left @ right, added to W_l. Returns the deltas, a record per layer and the keys
-    ``{layer: K_l}``. The model's weights are restored on the way out, success or failure."""
+    ``{layer: K_l}``. ``key_groups``: how K_l averages the templates (:func:`edit.context.subject_keys`).
+    The model's weights are restored on the way out, success or failure."""
     rt = rt or Runtime()
     L = layers[-1]
     backup = {l: lm.mlp_out_weight(l).clone() for l in layers}
@@ -228,7 +239,7 @@ def layer_walk(lm, requests: Sequence[Request], layers: Sequence[int], z: torch.
             for i, l in enumerate(tqdm(layers, desc="layers", unit="layer", disable=not rt.progress)):
                 h = subject_residuals(lm, requests, L, chunk_size=4 * chunk_size)
                 R = (z - h) / (len(layers) - i)  # eq. 20: this layer's share of what is still missing
-                K = torch.cat([subject_keys(lm, c, l, templates).double()
+                K = torch.cat([subject_keys(lm, c, l, templates, key_groups).double()
                                for c in _chunks(list(requests), 4 * chunk_size)])  # eq. 19
                 left, right = solve(l, K, R)
                 d = delta_factors(l, left, right, lm.dtype)
@@ -259,7 +270,9 @@ def two_steps(lm, requests: Sequence[Request], layers: Sequence[int], hp: Window
     z, loss_trace, final_losses = memit_targets(lm, requests, layers[-1], templates, hp, rt)
     timings["z_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    deltas, per_layer, keys = layer_walk(lm, requests, layers, z, templates, solve, chunk_size=hp.chunk_size, rt=rt)
+    groups = template_groups(hp.template_lengths) if hp.key_average == "grouped" else None
+    deltas, per_layer, keys = layer_walk(lm, requests, layers, z, templates, solve, chunk_size=hp.chunk_size, rt=rt,
+                                         key_groups=groups)
     timings["update_s"] = time.perf_counter() - t2
     return deltas, per_layer, keys, loss_trace, final_losses
 

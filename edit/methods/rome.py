@@ -17,8 +17,9 @@ linear associative memory. To make the model say o* for (s, r) we
 Key consistency. The reference implementation builds u from the averaged k* but computes Λ's
 numerator and denominator from the key of the un-prefixed prompt alone. Then W' maps that key, not
 k*, to v*, and when the two keys differ the denominator uᵀk can be tiny and Λ huge: the "disabling
-edits" that collapse a model under sequential editing (r-ROME, Gupta et al. 2024). ``key="averaged"``
-(default) uses k* everywhere, as r-ROME does; ``key="original"`` reproduces the reference code.
+edits" that collapse a model under sequential editing (r-ROME, Gupta et al. 2024). ``key="original"``
+(default) reproduces the reference code; ``key="averaged"`` uses k* everywhere, as r-ROME does (then
+W' k* + b = v* exactly). Either way the edit records the key Λ used as ``Edit.k_lambda``.
 
 Everything model-dependent (which layer, module names, the layer whose output is scored) comes from
 the model: the layer from causal tracing (``layers="auto"``, :func:`locate.resolve_layers` with one
@@ -51,7 +52,7 @@ class ROMEHparams:
     """ROME's hyper-parameters; defaults are the paper's GPT-2-XL/GPT-J settings."""
 
     layers: Any = "auto"  # layer spec (locate.resolve_layers, one layer): "auto" = peak MLP effect of tracing
-    key: str = "averaged"  # Λ's key: "averaged" (consistent, r-ROME) or "original" (the reference code's)
+    key: str = "original"  # Λ's key: "original" (the reference code's) or "averaged" (consistent, r-ROME)
     template_lengths: tuple = ROME_TEMPLATE_LENGTHS  # (token length, count): 1 + 10 + 10 templates
     # v* (ROME §3.1 eq. 4): the paper's values, kept in one place (edit.vstar.VStarHparams)
     v_steps: int = VStarHparams.steps  # Adam steps of the δ optimisation
@@ -60,6 +61,7 @@ class ROMEHparams:
     weight_decay: float = VStarHparams.weight_decay  # weight of ‖δ‖/‖h₀‖²
     clamp_norm_factor: float = VStarHparams.clamp_norm_factor  # ‖δ‖ ≤ factor · ‖h₀‖
     stop_loss: float = VStarHparams.stop_loss  # early stop once the loss is below this
+    kl_position: str = VStarHparams.kl_position  # KL read at the subject's last token of "{s} is a" (reference)
     stats_tokens: int = DEFAULT_N_TOKENS  # corpus tokens for C (the paper: 100,000 Wikipedia samples; edit.stats)
 
     def __post_init__(self):
@@ -70,7 +72,7 @@ class ROMEHparams:
     def vstar(self) -> VStarHparams:
         return VStarHparams(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
                             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                            stop_loss=self.stop_loss)
+                            stop_loss=self.stop_loss, kl_position=self.kl_position)
 
 
 def rank_one_update(W: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor, u: torch.Tensor,
