@@ -44,8 +44,8 @@ from .request import InvalidRequestError, Request
 class Runtime:
     """What a method may use besides its hyperparameters.
 
-    ``corpus``: text for key statistics (a path, an iterable of strings, ``"hf:..."``; see
-    :func:`edit.stats.key_second_moments`); ``stats``: precomputed ``{layer: KeyStats}``;
+    ``corpus``: text for key statistics (``None``: the packaged WikiText-2 head; a path, an iterable of
+    strings, ``"hf:..."`` or ``"model-samples"``; see :mod:`edit.stats`); ``stats``: precomputed ``{layer: KeyStats}``;
     ``progress``: show progress bars; ``seed``: for anything sampled; ``cache``: a dict a method may
     fill with things worth keeping across the edits of one run (projections, retrieval indices);
     ``data_dir``: where datasets live (IKE's demonstration pool); ``callback``: progress records."""

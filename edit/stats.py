@@ -12,14 +12,20 @@ model's float32, the running sum across batches in float64. All requested layers
 one pass (one hook per layer on ``lm.hook_mlp_key(l)``); the forward pass stops after the deepest
 requested layer, since nothing after it changes those keys.
 
-Corpus sources (the result's ``source`` says which was used and how many tokens):
+Corpus sources (the result's ``source`` says which was used and how many tokens). Every entry point
+(the API, ``locate-edit edit``/``eval``, the bench scripts, the layer sweep) resolves ``corpus`` here,
+through :func:`resolve_corpus`, so they all agree:
 
+* ``None`` (the default): :data:`DEFAULT_CORPUS`, the head of WikiText-2's validation split shipped
+  inside the package (about 50k tokens, CC BY-SA 3.0; see ``edit/data/README.md``). It is a prefix of
+  ``wiki.valid.raw``, so it gives the same statistics as that file for up to its length;
 * a path to a plain-text file (paragraphs separated by blank lines, e.g. wikitext-2-raw);
 * any iterable of strings;
 * ``"hf:<dataset>[:<config>][:<split>]"``: a Hugging Face dataset, streamed (needs internet and the
   ``datasets`` package; the paper used Wikipedia);
-* ``None``: a last resort, text sampled from the model itself (seeded). It is reported as such,
-  because a model's own samples are a narrower distribution than real text.
+* :data:`MODEL_SAMPLES` (``"model-samples"``): text sampled from the model itself (seeded), only when
+  asked for by name. It is slow on a CPU (minutes for 40k tokens) and a narrower distribution than real
+  text; it is never a silent fallback.
 
 Texts are joined with blank lines into one token stream and cut into windows of ``seq_len`` tokens
 (no padding, every token counts). The paper uses 100,000 Wikipedia samples (tens of millions of
@@ -37,6 +43,7 @@ the header. A file that is unreadable, fails its checksum or belongs to another 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,6 +63,8 @@ from locate.loading import CacheRebuiltWarning, cache_dir, derived_cache_key
 
 from .context import sample
 
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "wikitext2_valid_head.txt"
+MODEL_SAMPLES = "model-samples"
 DEFAULT_N_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_TOKENS = 2048
@@ -142,9 +151,18 @@ def _model_texts(lm, seed: int, n_tokens: int, seq_len: int, batch: int = 8) -> 
         i += 1
 
 
-def _describe(corpus) -> str:
-    if corpus is None:
+def resolve_corpus(corpus):
+    """The corpus a run reads: ``None`` -> :data:`DEFAULT_CORPUS`; anything else as given."""
+    return DEFAULT_CORPUS if corpus is None else corpus
+
+
+def describe_corpus(corpus) -> str:
+    """A short description of ``corpus`` (after :func:`resolve_corpus`), for settings and records."""
+    corpus = resolve_corpus(corpus)
+    if isinstance(corpus, str) and corpus == MODEL_SAMPLES:
         return "model samples"
+    if isinstance(corpus, (str, os.PathLike)) and Path(corpus) == DEFAULT_CORPUS:
+        return f"packaged WikiText-2 validation head ({DEFAULT_CORPUS.name})"
     if isinstance(corpus, (str, os.PathLike)) and str(corpus).startswith("hf:"):
         return str(corpus)
     if isinstance(corpus, (str, os.PathLike)):
@@ -153,7 +171,8 @@ def _describe(corpus) -> str:
 
 
 def _texts(lm, corpus, n_tokens: int, seq_len: int, seed: int) -> Iterable[str]:
-    if corpus is None:
+    corpus = resolve_corpus(corpus)
+    if isinstance(corpus, str) and corpus == MODEL_SAMPLES:
         return _model_texts(lm, seed, n_tokens, seq_len)
     if isinstance(corpus, (str, os.PathLike)):
         if str(corpus).startswith("hf:"):
@@ -163,7 +182,7 @@ def _texts(lm, corpus, n_tokens: int, seq_len: int, seed: int) -> Iterable[str]:
             raise FileNotFoundError(f"corpus file {path} does not exist")
         return _read_text_file(path)
     if isinstance(corpus, bytes):
-        raise TypeError("corpus must be a path, an iterable of str, 'hf:<name>' or None")
+        raise TypeError(f"corpus must be a path, an iterable of str, 'hf:<name>', {MODEL_SAMPLES!r} or None")
     return corpus
 
 
@@ -181,11 +200,11 @@ def token_stream(lm, corpus, n_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN, s
         if len(ids) >= n_tokens:
             break
     if len(ids) < n_tokens:
-        warnings.warn(f"corpus ({_describe(corpus)}) has only {len(ids)} tokens, fewer than n_tokens={n_tokens}",
+        warnings.warn(f"corpus ({describe_corpus(corpus)}) has only {len(ids)} tokens, fewer than n_tokens={n_tokens}",
                       stacklevel=3)
     ids = ids[:n_tokens]
     if not ids:
-        raise ValueError(f"corpus ({_describe(corpus)}) yielded no tokens")
+        raise ValueError(f"corpus ({describe_corpus(corpus)}) yielded no tokens")
     digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
     return torch.tensor(ids, dtype=torch.long), digest
 
@@ -239,10 +258,11 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
     if n_tokens < 1 or batch_tokens < 1 or seq_len < 1:
         raise ValueError("n_tokens, batch_tokens and seq_len must be positive")
     seq_len = min(seq_len, batch_tokens, int(getattr(lm.cfg, "n_ctx", seq_len) or seq_len))
-    described = _describe(corpus)
+    described = describe_corpus(corpus)
 
-    if corpus is None:  # model samples: the key is the sampling recipe, checked before sampling
-        corpus_hash = hashlib.sha256(f"model-samples:{lm.fingerprint}:{seed}:{seq_len}".encode()).hexdigest()[:16]
+    samples = isinstance(corpus, str) and corpus == MODEL_SAMPLES
+    if samples:  # model samples: the key is the sampling recipe, checked before sampling
+        corpus_hash = hashlib.sha256(f"model-samples:{lm.state_fingerprint}:{seed}:{seq_len}".encode()).hexdigest()[:16]
         tokens = None
     else:
         tokens, corpus_hash = token_stream(lm, corpus, n_tokens, seq_len=seq_len, seed=seed)
@@ -254,7 +274,9 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
             path = stats_path(lm, l, corpus_hash, n_tokens)
             if path.is_file():
                 try:
-                    out[l] = _load(path, _key(lm, l, corpus_hash, n_tokens))
+                    # same tokens, same C: the source names the corpus this call was given
+                    out[l] = dataclasses.replace(_load(path, _key(lm, l, corpus_hash, n_tokens)),
+                                                 source=f"{described} ({n_tokens} tokens)")
                 except CacheCorruptedError as e:
                     warnings.warn(f"key statistics cache rejected, recomputing: {e}", CacheRebuiltWarning, stacklevel=2)
     todo = [l for l in layers if l not in out]
@@ -262,11 +284,11 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
         return out
 
     if tokens is None:
-        tokens, _ = token_stream(lm, None, n_tokens, seq_len=seq_len, seed=seed)
+        tokens, _ = token_stream(lm, MODEL_SAMPLES, n_tokens, seq_len=seq_len, seed=seed)
         n_tokens = int(tokens.numel())
     source = f"{described} ({n_tokens} tokens)"
-    if corpus is None:
-        source = f"model samples (fallback: no corpus given; {n_tokens} tokens sampled from {lm.name}, seed {seed})"
+    if samples:
+        source = f"model samples (asked for; {n_tokens} tokens sampled from {lm.name}, seed {seed})"
 
     sums = {l: torch.zeros(lm.d_mlp, lm.d_mlp, dtype=torch.float64, device=lm.device) for l in todo}
     windows = list(tokens.split(seq_len))

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from edit.stats import KeyStats, key_second_moments, stats_path, token_stream
+from edit.stats import MODEL_SAMPLES, KeyStats, key_second_moments, stats_path, token_stream
 from locate.errors import SingularStatisticsError
 from locate.loading import CacheRebuiltWarning
 
@@ -83,10 +83,10 @@ def test_text_file_source_records_file_and_token_count(lm, tmp_cache, shared_dat
         key_second_moments(lm, 0, corpus=path.parent / "nope.txt", n_tokens=10, progress=False)
 
 
-def test_fallback_samples_from_the_model_and_says_so(lm, tmp_cache):
-    st = key_second_moments(lm, 0, corpus=None, n_tokens=64, seq_len=32, progress=False)[0]
-    assert st.source.startswith("model samples (fallback") and st.n_tokens == 64
-    assert key_second_moments(lm, 0, corpus=None, n_tokens=64, seq_len=32, progress=False)[0].cached
+def test_model_samples_by_name_and_says_so(lm, tmp_cache):
+    st = key_second_moments(lm, 0, corpus=MODEL_SAMPLES, n_tokens=64, seq_len=32, progress=False)[0]
+    assert st.source.startswith("model samples (asked for") and st.n_tokens == 64
+    assert key_second_moments(lm, 0, corpus=MODEL_SAMPLES, n_tokens=64, seq_len=32, progress=False)[0].cached
 
 
 def test_solve_is_a_cholesky_solve_and_singular_stats_raise():

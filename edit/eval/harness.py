@@ -49,7 +49,7 @@ from locate.errors import LocateEditError
 from ..edit import Edit
 from ..registry import EditMethod, Runtime, get_method, write
 from .datasets import Case
-from ..stats import token_stream
+from ..stats import describe_corpus, token_stream
 from .metrics import CONSISTENCY_NOT_AVAILABLE, aggregate, perplexity, reference_predictions, score_case, score_mquake
 from .sequential import sequential
 
@@ -307,7 +307,9 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     rt = Runtime(corpus=corpus, stats=stats, progress=False, seed=seed, data_dir=data_dir)
     settings = {"method": method, "mode": mode, "hparams": _describe_hparams(dataclasses.asdict(hp) if hp else {}),
                 "fingerprint": lm.state_fingerprint, "cases": [str(c.case_id) for c in cases], "fluency": fluency,
-                "gen_length": gen_length, "normalize": normalize, "seed": seed}
+                "gen_length": gen_length, "normalize": normalize, "seed": seed,
+                "statistics": (describe_corpus(corpus) if stats is None
+                               else sorted({st.source for st in dict(stats).values()}))}
     if mode == "batch":
         settings["batch_size"] = batch_size
     if any(c.dataset == "mquake" for c in cases):  # runs scored before these metrics existed do not resume
@@ -359,6 +361,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                             rec["edit_seconds"] = meas.seconds / len(reqs) if edits else None
                             rec["peak_memory_mb"] = meas.peak_mb if edits else None
                             rec["n_requests_in_edit"] = len(reqs)
+                            rec["statistics"] = _statistics_of(edits)
                             if edits:
                                 rec["layers"] = sorted({l for e in edits for l in e.layers})
                             store.add(rec)
@@ -378,6 +381,15 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         res.save(store.dir / "results.json")
         res.save_csv(store.dir / "records.csv")
     return res
+
+
+def _statistics_of(edits) -> list[str]:
+    """The key statistics' sources (corpus and token count) the edits record, for a case's record."""
+    out = set()
+    for e in edits:
+        src = e.hparams.get("stats_source")
+        out.update(src.values() if isinstance(src, dict) else [src] if src else [])
+    return sorted(out)
 
 
 def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress,

@@ -8,11 +8,8 @@ from pathlib import Path
 
 import locate
 from edit import InvalidHparamsError
+from edit.stats import MODEL_SAMPLES
 from edit.eval.datasets import DatasetNotFoundError, find_data_dir  # noqa: F401  (re-exported for the subcommands)
-
-# The corpus for key statistics when --corpus is not given (the repo's shared data), if present.
-_SHARED_WIKITEXT = Path("wikitext") / "wikitext-2-raw" / "wiki.valid.raw"
-
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--device``, shared by every subcommand that runs a model."""
@@ -25,14 +22,16 @@ def load_model(args) -> locate.HookedLM:
     return locate.load_model(getattr(args, "model", None), device=getattr(args, "device", None))
 
 
-def default_corpus() -> Path | None:
-    """wikitext-2 from a ``shared/data`` directory next to the working directory or the package, if any;
-    ``None`` otherwise (the statistics then fall back to text sampled from the model, and say so)."""
-    here = Path(__file__).resolve().parents[2]
-    for root in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", here.parent / "shared" / "data"):
-        if (root / _SHARED_WIKITEXT).is_file():
-            return root / _SHARED_WIKITEXT
-    return None
+def corpus_arg(value: str | None):
+    """``--corpus``: ``None`` (the packaged WikiText-2 head, :data:`edit.stats.DEFAULT_CORPUS`),
+    ``model-samples``, ``hf:...``, or a text file that must exist (checked before any model is loaded)."""
+    if value is None or value == MODEL_SAMPLES or value.startswith("hf:"):
+        return value
+    return existing_file(value, "corpus file")
+
+
+CORPUS_HELP = ("text for the key statistics: a text file, 'hf:<dataset>', or 'model-samples' (text the model "
+               "writes, slow); default: the WikiText-2 validation head shipped with the package")
 
 
 def existing_file(path: str | None, what: str) -> Path | None:

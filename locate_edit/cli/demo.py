@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import edit
+from edit.stats import describe_corpus
 from locate import trace
 from viz.trace import trace_heatmaps
 
-from .common import add_model_args, default_corpus, load_model, print_top
+from .common import add_model_args, load_model, print_top
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -25,11 +26,10 @@ def run(args) -> int:
     print(f"heatmaps saved to {args.out}")
 
     request = edit.Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
-    corpus = default_corpus()
-    n_tokens = 20_000 if corpus else 4_096  # the model-sampled fallback is slow to generate; keep it small
+    n_tokens = 20_000
     print(f"\nROME edit {request.subject!r} -> {request.target_new!r} (key statistics: "
-          f"{corpus or 'text sampled from the model'}, {n_tokens} tokens; 1 + 5 context templates)")
-    e = edit.rome(request, model=lm, layer="auto", corpus=corpus, stats_tokens=n_tokens, template_lengths=((10, 5),))
+          f"{describe_corpus(None)}, {n_tokens} tokens; 1 + 5 context templates)")
+    e = edit.rome(request, model=lm, layer="auto", stats_tokens=n_tokens, template_lengths=((10, 5),))
     print(f"edited {e.layer_reason}  ({e.timings['total_s']:.1f} s)")
     with edit.applied(lm, e):
         print_top(lm, DEMO_PROMPT, "after the edit,")

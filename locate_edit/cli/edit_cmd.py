@@ -13,7 +13,7 @@ from pathlib import Path
 import edit
 from edit.eval.datasets import load_requests
 
-from .common import add_model_args, default_corpus, existing_file, load_model, parse_assignment, print_top
+from .common import add_model_args, CORPUS_HELP, corpus_arg, existing_file, load_model, parse_assignment, print_top
 
 
 def parse_hparams(items, method: edit.EditMethod) -> dict:
@@ -36,7 +36,7 @@ def run(args) -> int:
     method = edit.get_method(args.method)
     hp = {**parse_hparams(args.hparam, method), **layer_hparams(args, method)}
     requests_file = existing_file(args.requests, "requests file")
-    corpus = existing_file(args.corpus, "corpus file") if args.corpus else default_corpus()
+    corpus = corpus_arg(args.corpus)
     if requests_file is None and not (args.subject and args.prompt and args.target):
         raise edit.InvalidRequestError("--subject, --prompt and --target are required (or --requests FILE)")
     lm = load_model(args)
@@ -80,8 +80,7 @@ def add(sub) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="explicit layers (e.g. MEMIT's window)")
     p.add_argument("--hparam", action="append", default=None, metavar="KEY=VALUE",
                    help="set a hyperparameter of the method (repeatable); see locate-edit methods -v")
-    p.add_argument("--corpus", default=None,
-                   help="text file for the key statistics (default: shared wikitext if found, else model samples)")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
     p.add_argument("--save", default=None, help="write the edit here (safetensors + JSON metadata)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

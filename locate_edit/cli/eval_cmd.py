@@ -15,7 +15,7 @@ import viz
 from edit import get_method
 from edit.eval import LOADERS, NONE, evaluate, format_table, layer_sweep, load_dataset
 
-from .common import add_model_args, default_corpus, existing_file, find_data_dir, load_model
+from .common import add_model_args, CORPUS_HELP, corpus_arg, existing_file, find_data_dir, load_model
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -27,7 +27,7 @@ def run(args) -> int:
     for m in methods:  # unknown names are refused before any work
         if m != NONE:
             get_method(m)
-    corpus = existing_file(args.corpus, "corpus file") if args.corpus else default_corpus()
+    corpus = corpus_arg(args.corpus)
     data_dir = find_data_dir(args.data_dir) if not args.dataset.endswith(".json") or args.data_dir else None
     if args.dataset.endswith(".json"):
         cases = LOADERS[args.schema](existing_file(args.dataset, "dataset file"), args.n)
@@ -91,8 +91,7 @@ def add(sub) -> None:
     p.add_argument("--data-dir", default=None, help="data directory laid out like shared/data "
                                                      "(default $LOCATE_EDIT_DATA, ./shared/data or ../shared/data)")
     p.add_argument("--schema", default="counterfact", help="loader for a .json dataset path (default counterfact)")
-    p.add_argument("--corpus", default=None,
-                   help="text file for key statistics (default: shared wikitext-2 valid if found, else model samples)")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
     p.add_argument("--out", required=True, help="output directory (results are resumed from it)")
     p.add_argument("--no-fluency", action="store_true", help="skip the sampled generations (much faster)")
     p.add_argument("--gen-length", type=int, default=100, help="tokens per generation for fluency (ROME: 100)")
