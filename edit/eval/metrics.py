@@ -7,9 +7,11 @@ CounterFact (Meng et al. 2022, ROME §4.2), with P[x] the model's probability of
     Paraphrase Score      PS, PM: the same on the paraphrase prompts
     Neighborhood Score    NS = E[ 1{ P[o^c] > P[o*] } ]   on the neighborhood prompts, NM = E[ P[o^c] - P[o*] ]
     Score                 S  = HarmonicMean(ES, PS, NS)
-    Fluency (generation entropy) = mean over generations of  (2/3) H_2 + (4/3) H_3,
+    Fluency (generation entropy) = mean over generations of  ½ [ (2/3) H_2 + (4/3) H_3 ] = H_2/3 + 2 H_3/3,
                           H_n the entropy (bits) of the n-gram frequency distribution of one text
-                          (``n_gram_entropy`` in the ROME code; texts sampled top-k=5, 100 tokens)
+                          (``n_gram_entropy`` in the ROME code: the weighted terms are averaged, not
+                          summed). Texts are sampled top-k 5 to 100 tokens, prompt included, and never
+                          stop early: the reference generates through end-of-sequence tokens.
     Consistency (reference score): NOT AVAILABLE. It needs ROME's tf-idf vocabulary, idf vector and
                           Wikipedia attribute snippets, which we do not have; we report it as missing.
 
@@ -40,6 +42,8 @@ import numpy as np
 import torch
 
 from locate.errors import LocateEditError
+
+from ..context import normalize_generation
 
 CONSISTENCY_NOT_AVAILABLE = "not available: needs tf-idf data we do not have"
 
@@ -146,9 +150,13 @@ def n_gram_entropy(texts: Sequence[str]) -> float:
 
 @torch.no_grad()
 def sample_generations(lm, prompts: Sequence[str], *, max_length: int = 100, top_k: int = 5,
-                       seed: int = 0) -> list[str]:
+                       seed: int = 0, stop_at_eos: bool = False) -> list[str]:
     """Top-k sampled continuations of all ``prompts`` in one left-padded batch, as in ROME's
-    ``generate_fast``: each text is prompt + continuation, ``max_length`` tokens in all."""
+    ``generate_fast``: each text is prompt + continuation, ``max_length`` tokens in all, whatever the
+    model samples (the reference does not stop at end-of-sequence, so an Instruct model that ends its
+    answer early still contributes 100 tokens). ``stop_at_eos=True`` ends a row at its first EOS
+    instead (not the reference; shorter texts have lower n-gram entropy). Special tokens are dropped
+    from the text, and it is normalised as the reference normalises it (NFKD, blank lines to spaces)."""
     if not prompts:
         return []
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -177,7 +185,7 @@ def sample_generations(lm, prompts: Sequence[str], *, max_length: int = 100, top
         for i in range(len(rows)):
             if not done[i] and len(out[i]) < max_length:
                 out[i].append(int(nxt[i]))
-                if int(nxt[i]) == eos:
+                if stop_at_eos and int(nxt[i]) == eos:
                     done[i] = True
             elif not done[i]:
                 done[i] = True
@@ -186,7 +194,8 @@ def sample_generations(lm, prompts: Sequence[str], *, max_length: int = 100, top
         step_ids = nxt.unsqueeze(1).to(lm.device)
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], 1)
-    return [lm.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    return [normalize_generation(lm.tokenizer.decode(o, skip_special_tokens=True)) for o in out]
+
 
 
 # --------------------------------------------------------------------------- aggregation helpers
