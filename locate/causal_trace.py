@@ -16,16 +16,33 @@ Total effect ``TE = p_clean - p_corrupted``; indirect effect ``IE(t, l) = score(
 Kinds of state (what is restored at layer ``l``):
 
 * ``"hidden"``: the residual stream *after* block ``l`` (the block output, as the reference code's
-  ``transformer.h.{l}``). Layers run 0..n_layers-1; we do not add the reference's extra "embed" row
-  (restoring embeddings is available through :func:`restored_probability` with ``lm.hook_embed``).
+  ``transformer.h.{l}``). Layers run 0..n_layers-1, as in the reference's grid, which has no
+  embedding column either (restoring the embeddings themselves is available through
+  :func:`restored_probability` with ``lm.hook_embed``).
 * ``"mlp"`` / ``"attn"``: the MLP / attention output of every layer in the **window**
   ``[l - w//2, l + w - w//2)`` clipped to ``[0, n_layers)``, as ``trace_important_window`` in the
   paper's code.
 
-Noise level ``nu`` (``noise=``): ``"auto"`` = 3 x the standard deviation of all token-embedding
-entries (the embedding matrix); a number = that ``nu``; a list of subject strings = 3 x the standard
-deviation of those subjects' token embeddings (the paper's ``collect_embedding_std`` over its
-subjects). The result records which was used.
+Noise level ``nu`` (``noise=``), as the paper's code's default rule ``s3``:
+
+    nu = 3 * std( E[i, j] : i a token of a known_1000 subject, j < d_model )
+
+where ``E`` is the input embedding matrix and each subject is tokenized on its own.
+
+``"auto"`` (default) is that rule over the subjects of ``known_1000/known_1000.json``, looked up in
+the data directory (``$LOCATE_EDIT_DATA``, ``./shared/data``, ``../shared/data``, the ``shared/data``
+beside this checkout); the std is computed once per model (:func:`locate.loading.derived_cache_key`)
+and cached under ``cache_dir()/noise/``. Where no known_1000 file is found it falls back, with a
+:class:`NoiseFallbackWarning`, to the embedding-matrix std. Options: ``"embedding_matrix"`` = 3 x the
+std of all token-embedding entries; a path to a facts JSON file or a list of subject strings = the
+same rule over those subjects; a number = that ``nu``; a :class:`NoiseLevel` = as given. The result
+records which was used in ``noise_source``.
+
+Which facts the model "knows" (:func:`trace_many`, :func:`locate.layer_profile`): as the reference's
+``calculate_hidden_flow(expect=...)``, the clean top-1 next token, decoded and stripped of
+whitespace, must equal the whole attribute string. An attribute of several tokens can therefore never
+match (the one decoded token is only its start) and such a fact is skipped. ``known_match=
+"first_token"`` is the looser option: the top-1 id equals the attribute's first token.
 
 :func:`trace` uses the fast path (:mod:`locate._fast_restore`); ``method="loop"`` runs the plain
 per-(token, layer) loop below, one hooked forward per restoration, kept as the semantic reference.
@@ -33,12 +50,15 @@ per-(token, layer) loop below, one hooked forward per restoration, kept as the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,15 +68,24 @@ from ._io import read_json, write_json
 from .errors import LocateEditError, SubjectNotFoundError, TokenNotInVocabularyError
 from ._fast_restore import fast_scores
 from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
+from .loading import cache_dir, derived_cache_key
 from .model import HookedLM, resolve_model
 
 KINDS = ("hidden", "mlp", "attn")
 TOKEN_GROUPS = ("first subject token", "middle subject tokens", "last subject token",
                 "first subsequent token", "further tokens", "last token")
+KNOWN_MATCHES = ("answer", "first_token")  # see the module docstring; "answer" is the reference's
+POOLINGS = ("rows", "facts")  # see average_indirect_effects; "rows" is the reference notebook's
+KNOWN_FACTS_FILE = Path("known_1000") / "known_1000.json"  # inside a data directory
+NOISE_FACTOR = 3.0  # the reference's "s3": nu = 3 x the embedding std
 
 
 class TraceError(LocateEditError, ValueError):
     """Bad arguments to a causal trace (unknown kind, window < 1, samples < 1...)."""
+
+
+class NoiseFallbackWarning(UserWarning):
+    """``noise="auto"`` found no known_1000 subjects and used the embedding-matrix std instead."""
 
 
 # ====================================================================== the result
@@ -154,9 +183,17 @@ class CausalTrace:
 
 
 # ====================================================================== noise
+class NoiseLevel(NamedTuple):
+    """``nu`` and a description of where it came from (stored as ``CausalTrace.noise_source``)."""
+
+    nu: float
+    source: str
+
+
 def embedding_std(lm: HookedLM, subjects: Sequence[str] | None = None) -> float:
     """Standard deviation of token-embedding entries: over the whole embedding matrix, or over the
-    tokens of ``subjects`` (the paper's ``collect_embedding_std``)."""
+    embedding rows of the tokens of ``subjects`` (each subject tokenized alone, no special tokens;
+    the paper's ``collect_embedding_std``)."""
     emb = lm.hf_model.get_input_embeddings().weight.detach()
     if subjects is None:
         return float(emb.float().std())
@@ -166,18 +203,89 @@ def embedding_std(lm: HookedLM, subjects: Sequence[str] | None = None) -> float:
     return float(emb[torch.as_tensor(ids)].float().std())
 
 
-def noise_level(lm: HookedLM, noise) -> tuple[float, str]:
-    """``nu`` and a description of where it came from."""
-    if isinstance(noise, str):
-        if noise != "auto":
-            raise TraceError(f"noise={noise!r}: use 'auto', a number, or a list of subjects")
-        return 3.0 * embedding_std(lm), "3 x std of the token-embedding matrix"
+def data_dir_candidates() -> list[Path]:
+    """Where the toolkit looks for its data directory, in order (as
+    :func:`edit.eval.datasets.find_data_dir`): ``$LOCATE_EDIT_DATA``, ``./shared/data``,
+    ``../shared/data``, the ``shared/data`` beside this checkout."""
+    env = os.environ.get("LOCATE_EDIT_DATA")
+    return ([Path(env).expanduser()] if env else []) + [
+        Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"]
+
+
+def find_known_facts() -> Path | None:
+    """The first ``known_1000/known_1000.json`` under :func:`data_dir_candidates`, or None."""
+    for d in data_dir_candidates():
+        if (d / KNOWN_FACTS_FILE).is_file():
+            return d / KNOWN_FACTS_FILE
+    return None
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def subjects_embedding_std(lm: HookedLM, facts_file: str | Path, *, cache: bool = True) -> tuple[float, int]:
+    """(std of the token embeddings of the subjects in ``facts_file``, number of subjects).
+
+    Cached per model (:func:`locate.loading.derived_cache_key`) and file content under
+    ``cache_dir()/noise/`` with a SHA-256 of the entry; a corrupted entry is reported and recomputed."""
+    path = Path(facts_file)
+    if not path.is_file():
+        raise TraceError(f"noise: facts file not found: {path}")
+    raw = path.read_bytes()
+    key = f"{derived_cache_key(lm)}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    entry = cache_dir() / "noise" / f"{key}.json"
+    if cache and entry.is_file():
+        try:
+            d = json.loads(entry.read_text())
+            if d["sha256"] != _digest(d["body"]):
+                raise ValueError("checksum mismatch")
+            return float(d["body"]["std"]), int(d["body"]["n_subjects"])
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"noise cache {entry} is corrupted ({e}); recomputing it", stacklevel=2)
+    try:
+        subjects = [f["subject"] for f in json.loads(raw)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise TraceError(f"{path}: not a JSON list of facts with a 'subject' ({e})") from e
+    body = {"std": embedding_std(lm, subjects), "n_subjects": len(subjects)}
+    if cache:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sha256": _digest(body), "body": body}))
+        tmp.replace(entry)
+    return body["std"], body["n_subjects"]
+
+
+def noise_level(lm: HookedLM, noise="auto") -> NoiseLevel:
+    """``nu`` and where it came from; ``noise`` as in the module docstring."""
+    if isinstance(noise, NoiseLevel):
+        return noise
     if isinstance(noise, (int, float)) and not isinstance(noise, bool):
         if not math.isfinite(noise) or noise < 0:
             raise TraceError(f"noise level must be a finite number >= 0, got {noise}")
-        return float(noise), "given"
+        return NoiseLevel(float(noise), "given")
+    matrix = f"{NOISE_FACTOR:g} x std of the token-embedding matrix"
+    if isinstance(noise, str) and noise == "embedding_matrix":
+        return NoiseLevel(NOISE_FACTOR * embedding_std(lm), matrix)
+    if isinstance(noise, str) and noise == "auto":
+        found = find_known_facts()
+        if found is None:
+            where = ", ".join(str(d / KNOWN_FACTS_FILE) for d in data_dir_candidates())
+            warnings.warn(f"noise='auto': no known_1000 subjects found (looked for {where}); using {matrix} "
+                          "instead of the reference's subject-embedding std. Set LOCATE_EDIT_DATA, or pass "
+                          "noise='embedding_matrix' to choose this on purpose.", NoiseFallbackWarning, stacklevel=2)
+            return NoiseLevel(NOISE_FACTOR * embedding_std(lm), f"{matrix} (fallback: known_1000 not found)")
+        noise = found
+    elif isinstance(noise, str) and not Path(noise).suffix == ".json":
+        raise TraceError(f"noise={noise!r}: use 'auto', 'embedding_matrix', a number, a facts JSON file "
+                         "or a list of subjects")
+    if isinstance(noise, (str, Path)):
+        std, n = subjects_embedding_std(lm, noise)
+        return NoiseLevel(NOISE_FACTOR * std, f"{NOISE_FACTOR:g} x std of the token embeddings of the {n} "
+                                              f"subjects of {Path(noise).name}")
     subjects = list(noise)
-    return 3.0 * embedding_std(lm, subjects), f"3 x std of the token embeddings of {len(subjects)} subjects"
+    return NoiseLevel(NOISE_FACTOR * embedding_std(lm, subjects),
+                      f"{NOISE_FACTOR:g} x std of the token embeddings of {len(subjects)} given subjects")
 
 
 def draw_noise(samples: int, n_tokens: int, d_model: int, level: float, *, seed: int,
@@ -281,6 +389,8 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     """Causally trace ``prompt``'s answer through ``subject`` (see the module docstring).
 
     ``target``: an answer token (string of one token, or an id) instead of the clean top-1.
+    ``noise``: ``"auto"`` (the reference's 3 x std of known_1000's subject embeddings, cached),
+    ``"embedding_matrix"``, a facts JSON path, a list of subjects, a number or a :class:`NoiseLevel`.
     ``method``: ``"fast"`` (default) or ``"loop"`` (the per-(token, layer) reference, same numbers).
     ``batch_size``: rows per forward in the fast path (restorations x samples).
     ``tokens``: trace only these token rows (indices or names such as ``"last_subject"``); the other
@@ -328,14 +438,17 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
 
 # ====================================================================== average indirect effects
 def token_groups(span: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
-    """The six token groups of the paper's Figure 2 (a group may be empty for a given prompt)."""
+    """The six token groups of the paper's Figure 2, as the reference notebook forms them (a group
+    may be empty for a given prompt). A single-token subject is both first and last subject token;
+    the token right after the subject is the "first subsequent token" even when it is also the last
+    token (then it is in both groups)."""
     s0, s1 = span
     last = n_tokens - 1
     return {
         "first subject token": [s0],
         "middle subject tokens": list(range(s0 + 1, s1 - 1)),
         "last subject token": [s1 - 1],
-        "first subsequent token": [s1] if s1 < last else [],
+        "first subsequent token": [s1] if s1 <= last else [],
         "further tokens": list(range(s1 + 1, last)),
         "last token": [last],
     }
@@ -343,16 +456,21 @@ def token_groups(span: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
 
 @dataclass
 class AIEResult:
-    """Average indirect effect per token group and layer, over the facts the model gets right."""
+    """Average indirect effect per token group and layer, over the facts the model knows."""
 
     aie: dict[str, dict[str, list[float]]]  # kind -> group -> per-layer AIE
     counts: dict[str, int]  # group -> facts that have that group
     n_facts: int  # facts traced (known by the model)
-    n_skipped: int  # facts the model does not predict correctly
+    n_skipped: int  # facts the model does not know (or whose subject is not in the prompt)
     avg_te: float
     kinds: tuple[str, ...]
     n_layers: int
     model: str = ""
+    rows: dict[str, int] = field(default_factory=dict)  # group -> token rows pooled over the facts
+    pool: str = "facts"  # how the groups were averaged (files saved before this field: per fact)
+    known_match: str = ""  # which facts counted as known
+    noise_level: float = float("nan")
+    noise_source: str = ""
 
     def array(self, kind: str = "mlp") -> np.ndarray:
         """(6 groups, n_layers), NaN for a group no fact has."""
@@ -370,10 +488,22 @@ class AIEResult:
         return cls(**d)
 
 
-def _is_known(lm: HookedLM, prompt: str, attribute: str, logits: torch.Tensor) -> bool:
-    """The model 'knows' a fact when its top-1 next token is the attribute's first token."""
-    want = lm.target_ids(" " + attribute.strip(), prompt)[0]
-    return int(logits.argmax()) == want
+def _check_known_match(known_match: str) -> str:
+    if known_match not in KNOWN_MATCHES:
+        raise TraceError(f"known_match must be one of {KNOWN_MATCHES}, got {known_match!r}")
+    return known_match
+
+
+def _is_known(lm: HookedLM, prompt: str, attribute: str, logits: torch.Tensor, known_match: str = "answer") -> bool:
+    """Does the model 'know' the fact? ``logits``: the clean next-token logits after ``prompt``.
+
+    ``"answer"`` (the reference): decode(argmax logits).strip() == attribute.strip(), i.e. the single
+    top-1 token spells the whole attribute; a multi-token attribute never matches.
+    ``"first_token"``: argmax logits == the first token of " " + attribute."""
+    top = int(logits.argmax())
+    if _check_known_match(known_match) == "answer":
+        return lm.tokenizer.decode([top]).strip() == attribute.strip()
+    return top == lm.target_ids(" " + attribute.strip(), prompt)[0]
 
 
 def load_facts(facts) -> list[dict]:
@@ -393,17 +523,26 @@ def load_facts(facts) -> list[dict]:
 
 def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, kinds: Sequence[str] = KINDS,
                samples: int = 10, noise="auto", uniform_noise: bool = False, window: int = 10, seed: int = 0,
-               results: str | Path | None = None, batch_size: int = 256, progress: bool = True) -> AIEResult:
+               results: str | Path | None = None, batch_size: int = 256, known_match: str = "answer",
+               pool: str = "rows", progress: bool = True) -> AIEResult:
     """Trace each known fact and average the indirect effects per token group (paper Figure 2).
 
-    Facts the model does not predict correctly (top-1 token != first token of the attribute) are
-    skipped. With ``results=`` (a JSONL path) each trace is appended as it finishes and facts already
-    there are not traced again, so an interrupted run resumes.
+    Facts the model does not know (``known_match``, see :func:`_is_known`; default: the decoded top-1
+    token is the whole attribute) are skipped. ``noise`` is resolved once (see :func:`noise_level`) and
+    used for every fact. ``pool``: see :func:`average_indirect_effects`. With ``results=`` (a JSONL
+    path) each trace is appended as it finishes and facts already there with the same settings are
+    not traced again, so an interrupted run resumes; a record made with other settings (or before
+    they were recorded) is redone.
     """
 
     lm = resolve_model(model)
     kinds = _check_args(kinds, samples, window)
+    _check_known_match(known_match)
+    _check_pool(pool)
     facts = load_facts(facts)[:n] if n is not None else load_facts(facts)
+    nl = noise_level(lm, noise)
+    settings = {"known_match": known_match, "noise_level": nl.nu, "uniform_noise": uniform_noise,
+                "samples": samples, "window": window, "seed": seed, "kinds": list(kinds)}
     done: dict[str, dict] = {}
     path = Path(results) if results is not None else None
     if path is not None and path.is_file():
@@ -412,7 +551,8 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interruption
-            done[rec["key"]] = rec
+            if rec.get("settings") == settings:
+                done[rec["key"]] = rec
     traced: list[CausalTrace] = []
     skipped = 0
     for f in tqdm(facts, desc="trace_many", disable=not progress):
@@ -426,10 +566,10 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
             continue
         try:
             logits, _ = clean_states(lm, lm.encode(f["prompt"]), [])
-            known = _is_known(lm, f["prompt"], f["attribute"], logits)
+            known = _is_known(lm, f["prompt"], f["attribute"], logits, known_match)
             tr = None
             if known:
-                tr = trace(f["prompt"], f["subject"], model=lm, kinds=kinds, samples=samples, noise=noise,
+                tr = trace(f["prompt"], f["subject"], model=lm, kinds=kinds, samples=samples, noise=nl,
                            uniform_noise=uniform_noise, window=window, seed=seed, batch_size=batch_size)
         except SubjectNotFoundError:
             known, tr = False, None
@@ -439,25 +579,58 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
             skipped += 1
         if path is not None:
             with path.open("a") as fh:
-                fh.write(json.dumps({"key": key, "known": known, "trace": tr.to_dict() if tr else None}) + "\n")
-    return average_indirect_effects(traced, kinds, lm.n_layers, n_skipped=skipped, model=lm.name)
+                fh.write(json.dumps({"key": key, "settings": settings, "known": known,
+                                     "trace": tr.to_dict() if tr else None}) + "\n")
+    res = average_indirect_effects(traced, kinds, lm.n_layers, n_skipped=skipped, model=lm.name, pool=pool)
+    res.known_match, res.noise_level, res.noise_source = known_match, nl.nu, nl.source
+    return res
+
+
+def _check_pool(pool: str) -> str:
+    if pool not in POOLINGS:
+        raise TraceError(f"pool must be one of {POOLINGS}, got {pool!r}")
+    return pool
 
 
 def average_indirect_effects(traces: Sequence[CausalTrace], kinds: Sequence[str], n_layers: int, *,
-                             n_skipped: int = 0, model: str = "") -> AIEResult:
-    """Mean over facts of IE per token group (within a fact, a multi-token group is averaged first)."""
-    sums = {k: {g: np.zeros(n_layers) for g in TOKEN_GROUPS} for k in kinds}
+                             n_skipped: int = 0, model: str = "", pool: str = "rows") -> AIEResult:
+    """Average indirect effect per token group g and layer l over the traced (known) facts F.
+
+    ``pool="rows"`` (the reference notebook): every token row of g in every fact is one sample,
+
+        AIE_g(l) = mean_{(f, t) : f in F, t in g(f)} score_f[t, l]  -  mean_{f in F} p_corrupted(f),
+
+    so a fact with three middle subject tokens weighs three times one with one, and the corrupted
+    baseline is the mean over all traced facts. ``pool="facts"``: a fact's rows are averaged first,
+    AIE_g(l) = mean_{f : g(f) nonempty} mean_{t in g(f)} (score_f[t, l] - p_corrupted(f)).
+    The two agree for the one-row groups (first/last subject token, last token) and differ for the
+    middle subject tokens and further tokens (and for the first subsequent token when some facts
+    lack it)."""
+    _check_pool(pool)
     counts = {g: 0 for g in TOKEN_GROUPS}
+    rows = {g: 0 for g in TOKEN_GROUPS}
+    picked: dict[str, dict[str, list[np.ndarray]]] = {k: {g: [] for g in TOKEN_GROUPS} for k in kinds}
     for tr in traces:
-        groups = token_groups(tr.subject_range, len(tr.tokens))
-        for g, toks in groups.items():
+        for g, toks in token_groups(tr.subject_range, len(tr.tokens)).items():
             if not toks:
                 continue
             counts[g] += 1
+            rows[g] += len(toks)
             for k in kinds:
-                sums[k][g] += tr.ie(k)[toks].mean(0)
-    aie = {k: {g: (sums[k][g] / counts[g] if counts[g] else sums[k][g]).tolist() for g in TOKEN_GROUPS}
-           for k in kinds}
+                if pool == "rows":
+                    picked[k][g].append(tr.scores[k][toks])  # (rows, layers)
+                else:
+                    picked[k][g].append(tr.ie(k)[toks].mean(0, keepdims=True))  # (1, layers)
+    p_corrupted = float(np.mean([t.p_corrupted for t in traces])) if traces else float("nan")
+    aie = {}
+    for k in kinds:
+        aie[k] = {}
+        for g in TOKEN_GROUPS:
+            if not picked[k][g]:
+                aie[k][g] = [0.0] * n_layers
+                continue
+            mean = np.concatenate(picked[k][g]).mean(0)
+            aie[k][g] = (mean - p_corrupted if pool == "rows" else mean).tolist()
     avg_te = float(np.mean([t.te for t in traces])) if traces else float("nan")
     return AIEResult(aie=aie, counts=counts, n_facts=len(traces), n_skipped=n_skipped, avg_te=avg_te,
-                     kinds=tuple(kinds), n_layers=n_layers, model=model)
+                     kinds=tuple(kinds), n_layers=n_layers, model=model, rows=rows, pool=pool)

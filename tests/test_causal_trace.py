@@ -101,6 +101,10 @@ def test_trace_many_resumes_and_layer_profile_caches(tmp_path, monkeypatch):
     assert r1.n_facts + r1.n_skipped == 2 and len(res_path.read_text().splitlines()) == 2
     r2 = trace_many(facts, model=lm, kinds=("mlp",), samples=2, results=res_path, progress=False)
     assert r2.aie == r1.aie and len(res_path.read_text().splitlines()) == 2
+    # records made under other settings (here the known-fact test) are not reused: both facts again
+    trace_many(facts, model=lm, kinds=("mlp",), samples=2, results=res_path, known_match="first_token",
+               progress=False)
+    assert len(res_path.read_text().splitlines()) == 4
     from viz import aie_plot
 
     for style in ("heatmap", "lines"):
@@ -129,3 +133,127 @@ def test_heatmaps_save(tiny, tmp_path):
     tr = trace(PROMPT, SUBJECT, model=tiny, samples=2)
     fig = trace_heatmaps(tr, save=tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0 and len(fig.axes) >= 3
+
+
+# ---------------------------------------------------------------------- fidelity to the reference code
+def _tiny_llama():
+    from locate.testing import tiny_model
+
+    return tiny_model("llama", locate.default_model().tokenizer, n_layers=3)
+
+
+def _two_facts(lm):
+    """Fact A: the top-1 token spells the whole attribute. Fact B: the top-1 token is only the first
+    token of a two-word attribute, so the reference's test rejects it and the first-token test keeps it."""
+    a_prompt, b_prompt = PROMPT, "The Colosseum is located in the city of"
+    top_a = lm.tokenizer.decode([int(lm.last_logits([a_prompt])[0].argmax())])
+    top_b = int(lm.last_logits([b_prompt])[0].argmax())
+    b_attr = lm.tokenizer.decode([top_b]).strip() + " Zq"
+    assert lm.target_ids(" " + b_attr, b_prompt)[0] == top_b and len(lm.target_ids(" " + b_attr, b_prompt)) > 1
+    return [{"prompt": a_prompt, "subject": SUBJECT, "attribute": top_a.strip()},
+            {"prompt": b_prompt, "subject": "Colosseum", "attribute": b_attr}]
+
+
+def _known_1000(tmp_path, subjects):
+    d = tmp_path / "data" / "known_1000"
+    d.mkdir(parents=True)
+    facts = [{"known_id": i, "prompt": f"{s} is in", "subject": s, "attribute": "x"} for i, s in enumerate(subjects)]
+    (d / "known_1000.json").write_text(json.dumps(facts))
+    return tmp_path / "data"
+
+
+def test_known_means_the_decoded_top1_is_the_whole_attribute(tmp_path, monkeypatch):
+    """The reference keeps a fact only if decode(top-1).strip() == attribute: fact B (two tokens, first
+    one right) is skipped, so the AIE is fact A's alone; the first-token test would average both."""
+    from locate.causal_trace import _is_known, average_indirect_effects
+    from locate._tracing import clean_states
+
+    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path / "cache"))
+    lm = _tiny_llama()
+    facts = _two_facts(lm)
+    for f, ref in zip(facts, (True, False)):
+        logits, _ = clean_states(lm, lm.encode(f["prompt"]), [])
+        assert _is_known(lm, f["prompt"], f["attribute"], logits) is ref
+        assert _is_known(lm, f["prompt"], f["attribute"], logits, "first_token") is True
+
+    nu = 0.3
+    only_a = trace(facts[0]["prompt"], facts[0]["subject"], model=lm, kinds=("mlp",), samples=2, noise=nu)
+    want = average_indirect_effects([only_a], ("mlp",), lm.n_layers).aie
+    r = trace_many(facts, model=lm, kinds=("mlp",), samples=2, noise=nu, progress=False)
+    assert (r.n_facts, r.n_skipped, r.known_match) == (1, 1, "answer")
+    assert r.aie == want
+    loose = trace_many(facts, model=lm, kinds=("mlp",), samples=2, noise=nu, known_match="first_token",
+                       progress=False)
+    assert loose.n_facts == 2 and not np.allclose(loose.array("mlp"), r.array("mlp"))
+
+    prof = locate.layer_profile(lm, facts=facts, samples=2, noise=nu, cache=False)
+    assert prof.n_facts == 1 and prof.known_match == "answer"
+    np.testing.assert_allclose(prof.aie, only_a.ie("mlp")[only_a.token_index("last_subject")], atol=1e-6)
+    assert locate.layer_profile(lm, facts=facts, samples=2, noise=nu, cache=False,
+                                known_match="first_token").n_facts == 2
+    with pytest.raises(TraceError):
+        trace_many(facts, model=lm, known_match="prefix", progress=False)
+
+
+def test_default_noise_is_3_std_of_the_known_subjects_embeddings(tmp_path, monkeypatch, recwarn):
+    """nu = 3 x std of the known_1000 subjects' token-embedding rows (the reference's "s3"), not of
+    the whole embedding matrix; computed once per model and cached; a warned fallback without data."""
+    import locate.causal_trace as ct
+
+    lm = _tiny_llama()
+    subjects = ["Eiffel Tower", "Colosseum", "Big Ben"]
+    monkeypatch.setenv("LOCATE_EDIT_DATA", str(_known_1000(tmp_path, subjects)))
+    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path / "cache"))
+    emb = lm.hf_model.get_input_embeddings().weight.detach()
+    ids = [i for s in subjects for i in lm.tokenizer(s, add_special_tokens=False)["input_ids"]]
+    ref = 3 * float(emb[ids].std())
+    matrix = 3 * float(emb.std())
+    assert abs(ref - matrix) > 1e-3  # the two definitions give different numbers here
+
+    tr = trace(PROMPT, SUBJECT, model=lm, kinds=("mlp",), samples=2)
+    assert tr.noise_level == pytest.approx(ref, rel=1e-6)
+    assert "3 subjects of known_1000.json" in tr.noise_source
+    assert not [w for w in recwarn if issubclass(w.category, ct.NoiseFallbackWarning)]
+    cached = list((tmp_path / "cache" / "noise").glob("*.json"))
+    assert len(cached) == 1
+    d = json.loads(cached[0].read_text())
+    d["body"]["std"] *= 2  # tampered without fixing the checksum: detected and recomputed
+    cached[0].write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="noise cache"):
+        assert ct.noise_level(lm).nu == pytest.approx(ref, rel=1e-6)
+
+    named = trace(PROMPT, SUBJECT, model=lm, kinds=("mlp",), samples=2, noise="embedding_matrix")
+    assert named.noise_level == pytest.approx(matrix, rel=1e-6) and "matrix" in named.noise_source
+    assert ct.noise_level(lm, subjects).nu == pytest.approx(ref, rel=1e-6)
+
+    monkeypatch.setattr(ct, "find_known_facts", lambda: None)
+    with pytest.warns(ct.NoiseFallbackWarning, match="known_1000"):
+        fb = trace(PROMPT, SUBJECT, model=lm, kinds=("mlp",), samples=2)
+    assert fb.noise_level == pytest.approx(matrix, rel=1e-6) and "fallback" in fb.noise_source
+    with pytest.raises(TraceError):
+        ct.noise_level(lm, "s3")
+
+
+def test_aie_pools_rows_across_facts_as_the_reference_notebook():
+    """Middle-subject and further rows are pooled over facts and the mean p_corrupted of all facts is
+    subtracted; the first subsequent token counts even when it is the last token."""
+    from locate.causal_trace import average_indirect_effects
+
+    def fact(n_tokens, span, col, p_corr):
+        return CausalTrace(prompt="p", subject="s", tokens=["t"] * n_tokens, subject_range=span, answer_id=0,
+                           answer="a", p_clean=1.0, p_corrupted=p_corr,
+                           scores={"mlp": np.asarray(col, dtype=float)[:, None]}, kinds=("mlp",), window=1,
+                           samples=1, seed=0, noise_level=0.1, noise_kind="gaussian", noise_source="given")
+
+    # f1: subject 0..3, first subsequent 4, further 5-6, last 7.  f2: subject 0..2, token 3 = first subsequent = last
+    f1 = fact(8, (0, 4), [0.9, 0.5, 0.9, 0.6, 0.7, 0.2, 0.4, 0.8], 0.1)
+    f2 = fact(4, (0, 3), [0.9, 0.4, 0.5, 0.6], 0.3)
+    r = average_indirect_effects([f1, f2], ("mlp",), 1)
+    got = dict(zip(locate.causal_trace.TOKEN_GROUPS, r.array("mlp")[:, 0]))
+    assert got["middle subject tokens"] == pytest.approx((0.5 + 0.9 + 0.4) / 3 - 0.2)  # per fact first: 0.35
+    assert got["first subsequent token"] == pytest.approx((0.7 + 0.6) / 2 - 0.2)  # without f2's: 0.6
+    assert got["further tokens"] == pytest.approx((0.2 + 0.4) / 2 - 0.2)  # f1's own baseline: 0.2
+    assert got["last token"] == pytest.approx((0.8 + 0.6) / 2 - 0.2)
+    assert r.rows["middle subject tokens"] == 3 and r.counts["first subsequent token"] == 2
+    per_fact = average_indirect_effects([f1, f2], ("mlp",), 1, pool="facts")
+    assert per_fact.aie["mlp"]["middle subject tokens"][0] == pytest.approx(((0.4 + 0.8) / 2 + 0.1) / 2)

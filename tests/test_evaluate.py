@@ -321,6 +321,8 @@ def test_the_case_analysis_keeps_only_known_cases():
 
 
 def test_known_cases_is_the_correctness_filter(lm, shared_data):
+    """The reference's test: the decoded top-1 token is the whole true target. Case 715 (" Nokia", two
+    tokens, top-1 " Nok") passes the first-token test and fails this one."""
     from edit.eval.sweep import known_cases
 
     cases = edit.load_counterfact(shared_data / "counterfact/counterfact_dev_800.json", 60)
@@ -330,7 +332,9 @@ def test_known_cases_is_the_correctness_filter(lm, shared_data):
     for c in cases:
         r = c.request
         top1 = int(lm.last_logits([r.rendered])[0].argmax())
-        assert (top1 == lm.target_ids(r.target_true, r.rendered)[0]) == (c.case_id in ids)
+        assert (lm.tokenizer.decode([top1]).strip() == r.target_true.strip()) == (c.case_id in ids)
+    loose = {c.case_id for c in known_cases(cases, lm, known_match="first_token")}
+    assert 715 in loose - ids
     assert [c.case_id for c in known_cases(cases, lm, n=1)] == [known[0].case_id]
 
 
@@ -458,7 +462,8 @@ def test_eval_cli_layer_sweep_on_the_default_model(shared_data, tmp_path, capsys
 
 def test_kn_edit_through_the_harness(tiny_lm):
     ws = _weights(tiny_lm)
-    res = edit.evaluate("kn", _cases()[:1], model=tiny_lm, hparams={"steps": 4}, fluency=False, progress=False)
+    res = edit.evaluate("kn", _cases()[:1], model=tiny_lm, hparams={"steps": 4, "min_prompts": 1, "adaptive": False},
+                        fluency=False, progress=False)  # the case has 2 prompts: the single-prompt rule
     assert _same(tiny_lm, ws) and len(res.records) == 1 and "es" in res.records[0]
 
 

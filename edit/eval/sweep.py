@@ -20,9 +20,10 @@ of the true target (restoring a window of MLP layers around l, as in causal trac
 
 and ΔR² = R²_both − R²_layer is what the tracing effect adds once the layer is known. Hase et al.
 find it near zero for ROME on GPT-J. As they (and ROME's causal tracing) do, the profile and the
-regression use only the cases the model knows: its top-1 token on the rewrite prompt is the true
-target's first token. For a fact the model does not know, P(true) is near zero with or without
-noise and the tracing effect measures nothing. :func:`known_cases` selects such cases up front.
+regression use only the cases the model knows, by ROME's test: the top-1 token on the rewrite prompt,
+decoded, is the whole true target (so a multi-token target is never known). For a fact the model does
+not know, P(true) is near zero with or without noise and the tracing effect measures nothing.
+:func:`known_cases` selects such cases up front.
 The outcomes y are the rewrite score (p_after(new) − p_before(new)) / (1 − p_before(new)) on the
 rewrite prompt, and the efficacy, paraphrase and neighborhood magnitudes of each case's record.
 
@@ -136,9 +137,14 @@ class LayerSweep:
 
 
 # --------------------------------------------------------------------------- tracing the swept cases
-def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batch_size: int = 32) -> list[Case]:
-    """The cases whose rewrite prompt the unedited model completes with the true target's first token
-    (the correctness filter of causal tracing), in order; the first ``n`` of them if given."""
+def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batch_size: int = 32,
+                known_match: str = "answer") -> list[Case]:
+    """The cases the unedited model knows, in order; the first ``n`` of them if given.
+
+    Causal tracing's correctness filter (:func:`locate.causal_trace._is_known`): by default, as the
+    reference, the top-1 token on the rewrite prompt, decoded and stripped, is the whole true target
+    (so a case whose true target has several tokens is never known); ``known_match="first_token"``
+    only asks for the true target's first token."""
 
     lm = resolve_model(model)
     keep: list[Case] = []
@@ -147,7 +153,8 @@ def known_cases(cases: Sequence[Case], model=None, *, n: int | None = None, batc
         if not batch:
             continue
         logits = lm.last_logits([c.request.rendered for c in batch])
-        keep += [c for c, lg in zip(batch, logits) if _is_known(lm, c.request.rendered, c.request.target_true, lg)]
+        keep += [c for c, lg in zip(batch, logits)
+                 if _is_known(lm, c.request.rendered, c.request.target_true, lg, known_match)]
         if n is not None and len(keep) >= n:
             return keep[:n]
     return keep
