@@ -49,14 +49,23 @@ def trace_heatmaps(trace, *, save: str | None = None):
 
 
 def aie_plot(result, *, style: str = "heatmap", save: str | None = None):
-    """AIE per token group and layer for each kind (an :class:`locate.causal_trace.AIEResult`)."""
+    """AIE per token group and layer for each kind (an :class:`locate.causal_trace.AIEResult`, whose
+    rows are pooled over facts as the reference notebook does; see
+    :func:`locate.causal_trace.average_indirect_effects`).
+
+    As the reference's summary heatmaps, ``style="heatmap"`` shows max(AIE, 0) from 0 up to the
+    largest AIE of the hidden-state kind (of each kind's own when hidden states were not traced), so
+    the three panels share a scale; ``style="lines"`` plots the signed AIE."""
 
     kinds = list(result.kinds)
+    top = np.nanmax(result.array("hidden")) if "hidden" in kinds and result.n_facts else None
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         a = result.array(kind)
         if style == "heatmap":
-            im = ax.pcolormesh(a, cmap=CMAPS.get(kind, "viridis"))
+            a = np.clip(a, 0, None)
+            vmax = top if top is not None and top > 0 else None
+            im = ax.pcolormesh(a, cmap=CMAPS.get(kind, "viridis"), vmin=0.0, vmax=vmax)
             ax.invert_yaxis()
             ax.set_yticks(np.arange(len(TOKEN_GROUPS)) + 0.5)
             ax.set_yticklabels(TOKEN_GROUPS, fontsize=8)
