@@ -12,7 +12,7 @@ Sections (each resumable: re-running with the same arguments continues where it 
   4. Layer sweep on the first --n-sweep CounterFact cases (with --sweep-known: the first ones the
      model knows), with the MLP AIE correlation across layers and the case-level regression.
   5. MEMIT batch sizes (--batch-sizes) on CounterFact, when MEMIT is installed.
-Methods that are not installed are skipped and listed. Everything printed is also written to
+Everything printed is also written to
 OUT/report.md; figures go to OUT/*.png.
 """
 
@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -35,7 +34,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.environ.get("LOCATE_EDIT_DATA", "../shared/data"))
     ap.add_argument("--out", default="runs/eval_report")
-    ap.add_argument("--methods", default="rome,memit,ft,none")
+    ap.add_argument("--methods", default="rome,memit,ft-l,ft,ft-m,none",
+                    help="registered method names (locate-edit methods), 'none' for the unedited model")
     ap.add_argument("--n-cf", type=int, default=200)
     ap.add_argument("--n-zsre", type=int, default=200)
     ap.add_argument("--n-mquake", type=int, default=20)
@@ -54,11 +54,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-batch", type=int, default=50)
     ap.add_argument("--fluency-cases", type=int, default=50, help="cases (of --n-cf) that get sampled generations")
     ap.add_argument("--gen-length", type=int, default=100)
-    ap.add_argument("--ft-layer", type=int, default=None, help="FT-L layer (default: the layer ROME edited most)")
-    ap.add_argument("--rome-layer", type=int, default=None, help="ROME (and KN) layer (default: ROME's own 'auto')")
-    ap.add_argument("--memit-layers", default=None, help="comma-separated MEMIT layers (default: MEMIT's own 'auto')")
-    ap.add_argument("--corpus", default=None, help="text file for the key statistics of ROME/MEMIT "
-                    "(default: DATA/wikitext/wikitext-2-raw/wiki.valid.raw)")
+    ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE",
+                    help="a hyperparameter of one method, e.g. rome:layers=5 or memit:layers=[3,4,5] (repeatable); "
+                    "every method runs with its own defaults otherwise")
+    ap.add_argument("--seq-method", default="rome", help="the method of the sequential section")
+    ap.add_argument("--batch-method", default="memit", help="the (batched) method of the batch-size section")
+    ap.add_argument("--corpus", default=None, help="text for the key statistics (default: the packaged WikiText-2 "
+                    "validation head, edit.stats.DEFAULT_CORPUS; 'model-samples' to sample from the model)")
     ap.add_argument("--sections", default="cf,zsre,mquake,seq,sweep,batch")
     ap.add_argument("--partial", action="store_true",
                     help="only summarise the records already in OUT (runs cut short), without running anything")
@@ -69,10 +71,11 @@ def main(argv=None) -> int:
     import edit
     import locate
     import viz
-    from edit.eval.harness import format_table
+    from edit.eval.harness import NONE, format_table
     from edit.registry import get_method
-    from locate.errors import MethodNotAvailableError
     from edit.eval.sweep import layer_sweep
+    from edit.stats import describe_corpus
+    from locate_edit.cli.common import corpus_arg, parse_method_hparams
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,49 +87,34 @@ def main(argv=None) -> int:
         print(s, flush=True)
         report.append(s)
 
+    for m in args.methods.split(","):  # an unknown name fails here, before the model loads
+        if m != NONE:
+            get_method(m)
     lm = locate.default_model()
     data = Path(args.data_dir)
     sections = args.sections.split(",")
-    available, skipped = [], []
-    for m in args.methods.split(","):
-        try:
-            get_method(m).target and get_method(m).function()
-            available.append(m)
-        except MethodNotAvailableError as e:
-            skipped.append(f"{m} ({e})")
+    available = args.methods.split(",")
     say(f"# locate-edit evaluation report, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     say(f"model {lm.name} (fingerprint {lm.fingerprint}), {lm.n_layers} layers, device {lm.device}, "
         f"torch {torch.__version__}, {platform.machine()} with {os.cpu_count()} CPUs, threads {torch.get_num_threads()}")
-    say(f"methods run: {available}; not installed: {skipped or 'none'}")
-    corpus = str(Path(args.corpus) if args.corpus else data / "wikitext/wikitext-2-raw/wiki.valid.raw")
+    say(f"methods run: {available}")
+    corpus = corpus_arg(args.corpus)
     kw = dict(model=lm, gen_length=args.gen_length, corpus=corpus)
-    ft_layer = args.ft_layer
-    say(f"key statistics from {corpus}")
-    layer_flags = {"rome": args.rome_layer,
-                   "memit": [int(x) for x in args.memit_layers.split(",")] if args.memit_layers else None}
+    say(f"key statistics from {describe_corpus(corpus)}")
+    hparams = parse_method_hparams(args.hparam)
 
     def hp(m):
-        spec = ft_layer if m == "ft-l" else layer_flags.get(m)
-        return {} if spec is None else {"layers": spec}
+        return hparams.get(m, {})
 
     if "cf" in sections:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_cf)
         runs = []
-        order = sorted(available, key=lambda m: m == "ft-l")  # FT-L last: it takes ROME's layer
-        for m in order:
-            if m == "ft-l" and ft_layer is None:
-                rome_runs = [r for r in runs if r.method == "rome"]
-                if rome_runs:
-                    layers = Counter(l for rec in rome_runs[0].records for l in rec.get("layers", []))
-                    ft_layer = layers.most_common(1)[0][0]
-                else:
-                    say("FT-L skipped: no ROME run to take the layer from and no --ft-layer")
-                    continue
+        for m in available:
             t = time.perf_counter()
             runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=args.fluency_cases,
                                       out=out / f"cf_{m}", **kw))
             say(f"[cf] {m}: {time.perf_counter() - t:.0f} s")
-        say(f"\n## CounterFact dev, first {len(cases)} cases, single mode (FT-L at layer {ft_layer}); "
+        say(f"\n## CounterFact dev, first {len(cases)} cases, single mode; "
             f"fluency on the first {min(args.fluency_cases, len(cases))} cases, {args.gen_length} tokens, top-k 5")
         say("```\n" + format_table(runs) + "\n```")
         viz.plot_methods(runs).savefig(out / "counterfact_methods.png", dpi=120)
@@ -135,8 +123,6 @@ def main(argv=None) -> int:
         """Every available method on ``cases`` in single mode, without fluency, into OUT/<prefix>_<method>."""
         runs = []
         for m in available:
-            if m == "ft-l" and ft_layer is None:
-                continue
             t = time.perf_counter()
             runs.append(edit.evaluate(m, cases, hparams=hp(m), fluency=False, out=out / f"{prefix}_{m}", **kw))
             say(f"[{prefix}] {m}: {time.perf_counter() - t:.0f} s")
@@ -153,17 +139,17 @@ def main(argv=None) -> int:
                     f"({sum(len(c.requests) for c in cases)} rewrites), single mode: every rewrite of a case "
                     "applied together; Port. is the multi-hop questions' answer accuracy")
 
-    if "seq" in sections and "rome" in available:
+    if "seq" in sections and args.seq_method in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_seq)
         t = time.perf_counter()
         checkpoints = sorted({k for k in map(int, args.seq_checkpoints.split(",")) if k <= len(cases)} | {len(cases)})
-        res = edit.evaluate("rome", cases, mode="sequential", hparams=hp("rome"), fluency=False, out=out / "seq_rome",
-                            checkpoints=checkpoints, **kw)
-        say(f"\n## Sequential ROME on CounterFact, {len(cases)} edits ({time.perf_counter() - t:.0f} s)")
+        res = edit.evaluate(args.seq_method, cases, mode="sequential", hparams=hp(args.seq_method), fluency=False,
+                            out=out / f"seq_{args.seq_method}", checkpoints=checkpoints, **kw)
+        say(f"\n## Sequential {args.seq_method} on CounterFact, {len(cases)} edits ({time.perf_counter() - t:.0f} s)")
         say("edits   ES     PS     NS     S")
         for n, a in sorted(res.curve.items()):
             say(f"{n:>5}  {100 * a['es']:5.1f}  {100 * a['ps']:5.1f}  {100 * a['ns']:5.1f}  {100 * a['score']:5.1f}")
-        viz.plot_sequential(res).savefig(out / "sequential_rome.png", dpi=120)
+        viz.plot_sequential(res).savefig(out / f"sequential_{args.seq_method}.png", dpi=120)
 
     if "sweep" in sections and args.sweep_method in available:
         cf_file = data / "counterfact/counterfact_dev_800.json"
@@ -175,14 +161,10 @@ def main(argv=None) -> int:
             cases = edit.load_counterfact(cf_file, args.n_sweep)
         sweep_name = "sweep_known" if args.sweep_known else "sweep"
         layers = None if not args.sweep_layers else [int(x) for x in args.sweep_layers.split(",")]
-        if args.sweep_method in ("rome", "memit"):  # one pass over the corpus for every layer's statistics
-            from edit.stats import key_second_moments
-
-            key_second_moments(lm, layers if layers is not None else list(range(lm.n_layers)), corpus=corpus)
         t = time.perf_counter()
         sw_hp = {k: v for k, v in hp(args.sweep_method).items() if k not in ("layer", "layers")}
         sw = layer_sweep(cases, method=args.sweep_method, model=lm, layers=layers, hparams=sw_hp, out=out / sweep_name,
-                         aie=None if args.sweep_aie == "none" else args.sweep_aie)
+                         aie=None if args.sweep_aie == "none" else args.sweep_aie, corpus=corpus)
         which = "CounterFact cases the model knows" if args.sweep_known else "CounterFact cases"
         say(f"\n## Layer sweep, {args.sweep_method}, {len(cases)} {which} ({time.perf_counter() - t:.0f} s)")
         say("```\n" + sw.table() + "\n```")
@@ -190,17 +172,18 @@ def main(argv=None) -> int:
         if sw.points:
             viz.plot_tracing_vs_editing(sw).savefig(out / f"{sweep_name}_cases.png", dpi=120)
 
-    if "batch" in sections and "memit" in available:
+    if "batch" in sections and args.batch_method in available:
         cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n_batch)
         runs = []
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
             t = time.perf_counter()
-            runs.append(edit.evaluate("memit", cases, mode="batch", batch_size=bs, hparams=hp("memit"), fluency=False,
-                                      out=out / f"batch_memit_{bs}", **kw))
-            say(f"[batch] memit {bs}: {time.perf_counter() - t:.0f} s")
-        say(f"\n## MEMIT batch sizes, {len(cases)} CounterFact cases")
-        say("```\n" + format_table(runs, label=lambda r: f"memit (batch {r.settings['batch_size']})") + "\n```")
-        viz.plot_batch_sizes(runs).savefig(out / "batch_memit.png", dpi=120)
+            bm = args.batch_method
+            runs.append(edit.evaluate(bm, cases, mode="batch", batch_size=bs, hparams=hp(bm), fluency=False,
+                                      out=out / f"batch_{bm}_{bs}", **kw))
+            say(f"[batch] {bm} {bs}: {time.perf_counter() - t:.0f} s")
+        say(f"\n## {args.batch_method} batch sizes, {len(cases)} CounterFact cases")
+        say("```\n" + format_table(runs, label=lambda r: f"{r.method} (batch {r.settings['batch_size']})") + "\n```")
+        viz.plot_batch_sizes(runs).savefig(out / f"batch_{args.batch_method}.png", dpi=120)
 
     (out / "report.md").write_text("\n".join(report) + "\n")
     print(f"\nwritten {out / 'report.md'}")
