@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from locate._io import read_json, write_json
 from locate import layer_profile, resolve_model, trace
-from locate.causal_trace import _is_known
+from locate.causal_trace import _is_known, noise_level
 from locate.errors import LocateEditError
 
 from ..registry import get_method
@@ -178,8 +178,9 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
     cached in ``out`` (a JSON file) and reused when model, cases and settings match."""
 
     lm = resolve_model(model)
-    settings = {"fingerprint": lm.fingerprint, "cases": [str(c.case_id) for c in cases], "samples": samples,
-                "window": window, "seed": seed}
+    nu = noise_level(lm, "auto")  # resolved once: the file records which ν (and rule) traced its cases
+    settings = {"fingerprint": lm.state_fingerprint, "cases": [str(c.case_id) for c in cases], "samples": samples,
+                "window": window, "seed": seed, "noise": [nu.nu, nu.source], "known_match": "answer"}
     if out is not None and Path(out).is_file():
         try:
             stored = read_json(out, "case tracing")
@@ -194,7 +195,7 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
         prompt = r.rendered
         target = lm.target_ids(r.target_true, prompt)[0] if r.target_true else None
         tr = trace(prompt, r.subject, model=lm, kinds=("mlp",), samples=samples, window=window, seed=seed,
-                   target=target, tokens=["last_subject"])
+                   target=target, tokens=["last_subject"], noise=nu)
         rows["ie"].append([float(x) for x in tr.ie("mlp")[tr.token_index("last_subject")]])
         rows["answers"].append(tr.answer)
         rows["p_clean"].append(tr.p_clean)

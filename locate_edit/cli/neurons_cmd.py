@@ -15,7 +15,11 @@ def add(sub) -> None:
     p.add_argument("--target", required=True, help="the answer, with its leading space, e.g. ' Paris'")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threshold", type=float, default=0.2)
-    p.add_argument("--share", type=float, default=0.7)
+    p.add_argument("--share", type=float, default=0.7, help="starting share p of prompts a neuron must appear in")
+    p.add_argument("--min-prompts", type=int, default=3,
+                   help="a neuron must be shared by at least this many prompts (Dai et al.: 3; 1 allows one prompt)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="keep p fixed (default: move it by 0.05 until 2-5 neurons remain, as Dai et al.'s code)")
     p.add_argument("--tokens", choices=["first", "mean"], default="first")
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
                    help="compute the attributions in this dtype (default: the model's)")
@@ -28,7 +32,8 @@ def add(sub) -> None:
 def run(args) -> int:
     lm = load_model(args)
     kn = neurons(args.prompt, args.target, model=lm, steps=args.steps, threshold=args.threshold,
-                 share=args.share, tokens=args.tokens, precision=args.precision)
+                 share=args.share, tokens=args.tokens, precision=args.precision, min_prompts=args.min_prompts,
+                 adaptive=not args.no_adaptive)
     print(repr(kn))
     lm_maps = kn.layer_maps
     for l, i in kn.neurons:
