@@ -1,8 +1,9 @@
-"""Small file helpers shared by the result dataclasses' ``save``/``load``."""
+"""Small file helpers shared by the result dataclasses' ``save``/``load``, and where the data lives."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +22,12 @@ def read_json(path: str | Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     return json.loads(path.read_text())
+
+
+def data_dir_candidates() -> list[Path]:
+    """Where the toolkit looks for its data directory (laid out like ``shared/data``), in order:
+    ``$LOCATE_EDIT_DATA``, ``./shared/data``, ``../shared/data``, the ``shared/data`` beside this checkout.
+    The one search order of every lookup (tracing's noise subjects, :func:`edit.eval.find_data_dir`)."""
+    env = os.environ.get("LOCATE_EDIT_DATA")
+    return ([Path(env).expanduser()] if env else []) + [
+        Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -64,7 +63,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._io import read_json, write_json
+from ._io import data_dir_candidates, read_json, write_json
 from .errors import LocateEditError, SubjectNotFoundError, TokenNotInVocabularyError
 from ._fast_restore import fast_scores
 from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
@@ -201,15 +200,6 @@ def embedding_std(lm: HookedLM, subjects: Sequence[str] | None = None) -> float:
     if not ids:
         raise TraceError("noise: the list of subjects tokenizes to nothing")
     return float(emb[torch.as_tensor(ids)].float().std())
-
-
-def data_dir_candidates() -> list[Path]:
-    """Where the toolkit looks for its data directory, in order (as
-    :func:`edit.eval.datasets.find_data_dir`): ``$LOCATE_EDIT_DATA``, ``./shared/data``,
-    ``../shared/data``, the ``shared/data`` beside this checkout."""
-    env = os.environ.get("LOCATE_EDIT_DATA")
-    return ([Path(env).expanduser()] if env else []) + [
-        Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[2] / "shared" / "data"]
 
 
 def find_known_facts() -> Path | None:

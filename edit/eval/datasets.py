@@ -23,11 +23,11 @@ the edit writes ``alt`` and ``answers[0]`` is the fact it replaces (the ROME cod
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from locate._io import data_dir_candidates
 from locate.errors import LocateEditError
 
 from ..request import Request
@@ -321,12 +321,7 @@ def find_data_dir(given: str | Path | None = None) -> Path:
     """``given``, else ``$LOCATE_EDIT_DATA``, else ``./shared/data``, ``../shared/data`` or the
     ``shared/data`` beside this checkout. Raises :class:`edit.eval.DatasetNotFoundError` naming where
     it looked."""
-    if given is not None:
-        cands = [Path(given).expanduser()]
-    else:
-        env = os.environ.get("LOCATE_EDIT_DATA")
-        cands = ([Path(env).expanduser()] if env else []) + [
-            Path("shared/data"), Path("../shared/data"), Path(__file__).resolve().parents[3] / "shared" / "data"]
+    cands = [Path(given).expanduser()] if given is not None else data_dir_candidates()
     for c in cands:
         if c.is_dir():
             return c
