@@ -2,7 +2,12 @@
 
 Each file holds the method's hyperparameter dataclass (the paper's defaults), its registration
 (:func:`edit.registry.register`) and the function that computes its :class:`edit.Edit` without
-applying it. A new method is a new file here plus its line below; nothing else changes.
+applying it. Every module of this package is imported here, in name order, so a new method is a
+new file here (and its test); nothing else changes.
 """
 
-from . import rome, memit, ft, kn, alphaedit, grace, ike  # noqa: F401  (registers them)
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the method(s) the module defines
