@@ -24,12 +24,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from importlib.metadata import version
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .errors import CacheCorruptedError, ModelNotFoundError, UnsupportedArchitectureError
+from .errors import CacheCorruptedError, InvalidArgumentError, LocateEditWarning, ModelNotFoundError, UnsupportedArchitectureError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -39,7 +42,7 @@ _MANIFEST = "manifest.json"
 _CACHE_FORMAT = 1
 
 
-class CacheRebuiltWarning(UserWarning):
+class CacheRebuiltWarning(LocateEditWarning):
     """Issued when a cached file failed its integrity check and was rebuilt."""
 
 
@@ -142,6 +145,102 @@ def verify_manifest(directory: Path) -> dict:
         if sha256_file(p) != meta["sha256"]:
             raise CacheCorruptedError(f"{p}: SHA-256 mismatch (corrupted)")
     return manifest
+
+
+# --------------------------------------------------------------------------- derived caches
+# One mechanism for every cache of something computed from a model (key statistics, context templates,
+# layer profiles, noise levels...). An entry is one file that holds, besides its payload,
+#
+#   format   a string naming the payload's layout and its version ("locate-edit/key-stats/2");
+#   key      a JSON object saying what the payload is of (its model part: derived_cache_key(lm),
+#            which names the applied edits too; plus the entry's own settings);
+#   sha256   a digest of format, key, body and every tensor (name, dtype, shape, bytes);
+#   body     any JSON value (a list of templates, a profile's fields, a source description);
+#
+# and optionally tensors. A path ending in ".safetensors" is a safetensors file (the header above in
+# its metadata under "locate_edit"); any other path is a JSON file. Writes go to a temporary file in
+# the same directory and are renamed over the entry (atomic: a reader never sees half a file). A read
+# refuses (CacheCorruptedError) a file that is unreadable, of another format, of another key or that
+# fails its digest; read_cached turns that refusal into a CacheRebuiltWarning and a miss.
+_ENTRY_META = "locate_edit"
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples become lists), so keys compare equal after a round trip."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _entry_digest(fmt: str, key: Any, body: Any, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps({"format": fmt, "key": key, "body": body}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_cached(path: Path, fmt: str, key: dict, *, body: Any = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a cache entry atomically (see the comment above). ``tensors`` need a ``.safetensors`` path."""
+    path = Path(path)
+    key, body = _canonical(key), _canonical(body)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
+    header = {"format": fmt, "key": key, "sha256": _entry_digest(fmt, key, body, tensors), "body": body}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            save_file(tensors, str(tmp), metadata={_ENTRY_META: json.dumps(header)})
+        elif tensors:
+            raise InvalidArgumentError(f"{path}: tensors need a .safetensors cache file")
+        else:
+            tmp.write_text(json.dumps(header, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def verify_cached(path: Path, fmt: str, key: dict) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(body, tensors)`` of the cache entry at ``path``, or :class:`CacheCorruptedError` saying why not:
+    unreadable, another format, another key (naming the field that differs), or a digest mismatch."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})[_ENTRY_META])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            header, tensors = json.loads(path.read_text(encoding="utf-8")), {}
+        stored_fmt, stored_key, digest, body = header["format"], header["key"], header["sha256"], header["body"]
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types for a damaged file
+        raise CacheCorruptedError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if stored_fmt != fmt:
+        raise CacheCorruptedError(f"{path}: format {stored_fmt!r}, expected {fmt!r}")
+    key = _canonical(key)
+    if stored_key != key:
+        if not isinstance(stored_key, dict):
+            raise CacheCorruptedError(f"{path}: holds key {stored_key!r}, expected {key!r}")
+        diff = sorted(k for k in set(key) | set(stored_key) if stored_key.get(k) != key.get(k))
+        raise CacheCorruptedError(f"{path}: holds another entry ("
+                                  + ", ".join(f"{k}={stored_key.get(k)!r}, expected {key.get(k)!r}" for k in diff) + ")")
+    if digest != _entry_digest(fmt, key, body, tensors):
+        raise CacheCorruptedError(f"{path}: SHA-256 mismatch (corrupted)")
+    return body, tensors
+
+
+def read_cached(path: Path, fmt: str, key: dict, *, what: str) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """``(body, tensors)`` of a valid entry; ``None`` when there is none, or when the file there fails
+    :func:`verify_cached` (then with a :class:`CacheRebuiltWarning` naming ``what`` and the reason: the
+    caller recomputes and :func:`write_cached` overwrites it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return verify_cached(path, fmt, key)
+    except CacheCorruptedError as e:
+        warnings.warn(f"{what} cache rejected, recomputing it: {e}", CacheRebuiltWarning, stacklevel=3)
+        return None
 
 
 # --------------------------------------------------------------------------- default model
