@@ -35,17 +35,24 @@ CPU for a layer in the first third of the model, see bench/rome_bench.py). That 
 dimension of SmolLM2 (d_mlp=1536): enough for a well-conditioned C, noisier than the paper's estimate.
 Raise ``n_tokens`` for published numbers; results are cached on disk, so the cost is paid once.
 
-Cache: ``locate.cache_dir()/stats/<fingerprint>-<library versions digest>/layer<l>-<corpus hash>-<n_tokens>.safetensors``,
-holding C with a SHA-256 of its bytes and the key (fingerprint, layer, corpus hash, token count) in
-the header. A file that is unreadable, fails its checksum or belongs to another key is reported
-(:class:`locate.loading.CacheRebuiltWarning`), recomputed and overwritten.
+Input checks. A corpus file must be UTF-8 text: a binary or undecodable file is refused
+(:class:`locate.errors.CorpusError`), never decoded with replacement characters into statistics of
+garbage. C estimated from fewer tokens than the keys are wide (n_tokens < d_mlp) has rank at most
+n_tokens, so it is singular: it is returned with an :class:`locate.errors.InsufficientStatisticsWarning`
+but never cached, and ROME/MEMIT refuse it (:class:`locate.errors.InsufficientStatisticsError`).
+
+Cache: ``locate.cache_dir()/stats/<derived cache key>/layer<l>-<corpus hash>-<n_tokens>-v<format>.safetensors``,
+one entry of :func:`locate.loading.write_cached` (format, key, SHA-256, atomic write): the key is the
+model *as it is* (``derived_cache_key``: weights, applied edits, library versions), the layer, a hash
+of the corpus tokens and their count. A file that is unreadable, fails its checksum or belongs to
+another key is reported (:class:`locate.loading.CacheRebuiltWarning`), recomputed and overwritten.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import codecs
 import hashlib
-import json
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,13 +60,19 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from locate import capture, resolve_model
-from locate.errors import CacheCorruptedError, FingerprintMismatchError, SingularStatisticsError
-from locate.loading import CacheRebuiltWarning, cache_dir, derived_cache_key
+from locate.errors import (
+    CorpusError,
+    CorpusNotFoundError,
+    FingerprintMismatchError,
+    InsufficientStatisticsError,
+    InsufficientStatisticsWarning,
+    InvalidArgumentError,
+    SingularStatisticsError,
+)
+from locate.loading import cache_dir, derived_cache_key, read_cached, write_cached
 
 from .context import sample
 
@@ -68,7 +81,7 @@ MODEL_SAMPLES = "model-samples"
 DEFAULT_N_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_TOKENS = 2048
-_FORMAT = "locate-edit/key-stats/1"
+_FORMAT = "locate-edit/key-stats/2"  # 2: the shared cache entry of locate.loading
 
 
 @dataclass
@@ -90,6 +103,7 @@ class KeyStats:
         """Lower Cholesky factor of C; :class:`SingularStatisticsError` if C is not positive definite."""
         L = self.__dict__.get("_chol")
         if L is None:
+            check_enough_tokens(self)
             L, info = torch.linalg.cholesky_ex(self.C)
             if int(info) != 0 or not torch.isfinite(L).all():
                 raise SingularStatisticsError(
@@ -111,17 +125,64 @@ class KeyStats:
         return x
 
 
+def check_enough_tokens(st: KeyStats) -> KeyStats:
+    """Refuse (:class:`InsufficientStatisticsError`) statistics estimated from fewer tokens than the keys
+    are wide: C = (1/n) Σ k kᵀ then has rank ≤ n < d_mlp and no inverse, and a Cholesky factorisation
+    that happens to pass in floating point would solve with rounding noise."""
+    d = int(st.C.shape[0])
+    if st.n_tokens < d:
+        raise InsufficientStatisticsError(
+            f"key statistics of layer {st.layer} ({st.source}) come from {st.n_tokens} tokens, fewer than the "
+            f"{d} dimensions of a key: their C has rank at most {st.n_tokens}, so it is singular (not positive "
+            f"definite by construction). Use at least d_mlp = {d} tokens (the default is {DEFAULT_N_TOKENS:,}).")
+    return st
+
+
 # --------------------------------------------------------------------------- corpus sources
+_SNIFF_BYTES = 1 << 16
+
+
+def _refuse_binary(path: Path, text: str, where: str) -> None:
+    if "\x00" in text:
+        raise CorpusError(f"corpus file {path} is binary, not text (a NUL character {where}); "
+                          "give a UTF-8 text file, paragraphs separated by blank lines")
+
+
+def check_corpus_file(path) -> Path:
+    """``path`` as a Path, refused unless it is an existing file whose start reads as UTF-8 text: missing
+    (:class:`CorpusNotFoundError`), binary or undecodable (:class:`CorpusError`). The whole file is
+    checked again as it is read; this look at its first 64 KiB lets a command refuse it before a model loads."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CorpusNotFoundError(f"corpus file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (undecodable byte at offset {e.start}); "
+                          "give a UTF-8 text file, paragraphs separated by blank lines") from e
+    _refuse_binary(path, text, "in its first 64 KiB")
+    return path
+
+
 def _read_text_file(path: Path) -> Iterator[str]:
-    """Paragraphs of a plain-text file (blank-line separated)."""
+    """Paragraphs of a UTF-8 text file (blank-line separated); a binary or undecodable file is refused
+    (:class:`CorpusError`) where it stops being text, never decoded with replacement characters."""
     para: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                para.append(line.rstrip("\n"))
-            elif para:
-                yield "\n".join(para)
-                para = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                _refuse_binary(path, line, f"on line {lineno}")
+                if line.strip():
+                    para.append(line.rstrip("\n"))
+                elif para:
+                    yield "\n".join(para)
+                    para = []
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"corpus file {path} is not UTF-8 text (undecodable bytes after line {lineno}); "
+                              "give a UTF-8 text file, paragraphs separated by blank lines") from e
     if para:
         yield "\n".join(para)
 
@@ -177,12 +238,10 @@ def _texts(lm, corpus, n_tokens: int, seq_len: int, seed: int) -> Iterable[str]:
     if isinstance(corpus, (str, os.PathLike)):
         if str(corpus).startswith("hf:"):
             return _hf_texts(str(corpus))
-        path = Path(corpus).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} does not exist")
-        return _read_text_file(path)
-    if isinstance(corpus, bytes):
-        raise TypeError(f"corpus must be a path, an iterable of str, 'hf:<name>', {MODEL_SAMPLES!r} or None")
+        return _read_text_file(check_corpus_file(corpus))
+    if isinstance(corpus, (bytes, bytearray)) or not isinstance(corpus, Iterable):
+        raise CorpusError(f"corpus must be a path, an iterable of str, 'hf:<name>', {MODEL_SAMPLES!r} or None, "
+                          f"not {type(corpus).__name__}")
     return corpus
 
 
@@ -193,56 +252,33 @@ def token_stream(lm, corpus, n_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN, s
     sep = lm.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     for text in _texts(lm, corpus, n_tokens, seq_len, seed):
         if not isinstance(text, str):
-            raise TypeError(f"corpus items must be strings, got {type(text).__name__}")
+            raise CorpusError(f"corpus items must be strings, got {type(text).__name__}")
         if not text.strip():
             continue
         ids.extend(lm.encode(text, raw=True) + sep)
         if len(ids) >= n_tokens:
             break
+    if not ids:
+        raise CorpusError(f"corpus ({describe_corpus(corpus)}) yielded no tokens")
     if len(ids) < n_tokens:
         warnings.warn(f"corpus ({describe_corpus(corpus)}) has only {len(ids)} tokens, fewer than n_tokens={n_tokens}",
-                      stacklevel=3)
+                      InsufficientStatisticsWarning, stacklevel=3)
     ids = ids[:n_tokens]
-    if not ids:
-        raise ValueError(f"corpus ({describe_corpus(corpus)}) yielded no tokens")
     digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
     return torch.tensor(ids, dtype=torch.long), digest
 
 
 # --------------------------------------------------------------------------- cache
 def stats_path(lm, layer: int, corpus_hash: str, n_tokens: int) -> Path:
-    return cache_dir() / "stats" / derived_cache_key(lm) / f"layer{layer}-{corpus_hash}-{n_tokens}.safetensors"
+    """Where the cache entry of these statistics lives. The file name carries the format version, so files
+    of an older layout (left by an older install sharing the cache) are neither read nor overwritten."""
+    version = _FORMAT.rsplit("/", 1)[1]
+    return (cache_dir() / "stats" / derived_cache_key(lm)
+            / f"layer{layer}-{corpus_hash}-{n_tokens}-v{version}.safetensors")
 
 
 def _key(lm, layer, corpus_hash, n_tokens) -> dict:
-    return {"fingerprint": lm.state_fingerprint, "layer": layer, "corpus_hash": corpus_hash, "n_tokens": n_tokens}
-
-
-def _save(path: Path, st: KeyStats, key: dict) -> None:
-    C = st.C.contiguous().cpu()
-    meta = {"format": _FORMAT, **key, "source": st.source, "sha256": hashlib.sha256(C.numpy().tobytes()).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file({"C": C}, str(tmp), metadata={"locate_edit": json.dumps(meta)})
-    tmp.replace(path)  # atomic: a reader never sees a half-written file
-
-
-def _load(path: Path, key: dict) -> KeyStats:
-    """Read a cached C, or raise :class:`CacheCorruptedError` saying what is wrong with it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["locate_edit"])
-            C = f.get_tensor("C")
-    except Exception as e:
-        raise CacheCorruptedError(f"{path}: unreadable ({e})") from e
-    if meta.get("format") != _FORMAT:
-        raise CacheCorruptedError(f"{path}: format {meta.get('format')!r}, expected {_FORMAT}")
-    for k, v in key.items():
-        if meta.get(k) != v:
-            raise CacheCorruptedError(f"{path}: holds {k}={meta.get(k)!r}, expected {v!r}")
-    if hashlib.sha256(C.numpy().tobytes()).hexdigest() != meta.get("sha256"):
-        raise CacheCorruptedError(f"{path}: SHA-256 mismatch (corrupted)")
-    return KeyStats(key["layer"], C, key["n_tokens"], meta.get("source", "?"), key["corpus_hash"], cached=True)
+    return {"model": derived_cache_key(lm), "layer": layer, "corpus_hash": corpus_hash, "n_tokens": n_tokens}
 
 
 # --------------------------------------------------------------------------- the statistic
@@ -252,11 +288,15 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
     """C_l = E[k kᵀ] for every layer in ``layers``, over the first ``n_tokens`` tokens of ``corpus``,
     in one pass over the corpus. Returns ``{layer: KeyStats}``; cached layers are read from disk."""
     lm = resolve_model(model)
-    layers = sorted({lm.check_layer(l) for l in ([layers] if isinstance(layers, int) else layers)})
+    if isinstance(layers, (numbers.Number, str)) or not isinstance(layers, Iterable):  # np.int64(3) is one layer
+        layers = [layers]
+    layers = sorted({lm.check_layer(l) for l in layers})
     if not layers:
-        raise ValueError("no layers requested")
-    if n_tokens < 1 or batch_tokens < 1 or seq_len < 1:
-        raise ValueError("n_tokens, batch_tokens and seq_len must be positive")
+        raise InvalidArgumentError("no layers requested")
+    for name, value in (("n_tokens", n_tokens), ("batch_tokens", batch_tokens), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    n_tokens, batch_tokens, seq_len = int(n_tokens), int(batch_tokens), int(seq_len)
     seq_len = min(seq_len, batch_tokens, int(getattr(lm.cfg, "n_ctx", seq_len) or seq_len))
     described = describe_corpus(corpus)
 
@@ -269,16 +309,17 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
         n_tokens = int(tokens.numel())
 
     out: dict[int, KeyStats] = {}
+    cache = cache and n_tokens >= lm.d_mlp  # statistics from fewer tokens than d_mlp are never cached (below)
     if cache:
         for l in layers:
-            path = stats_path(lm, l, corpus_hash, n_tokens)
-            if path.is_file():
-                try:
-                    # same tokens, same C: the source names the corpus this call was given
-                    out[l] = dataclasses.replace(_load(path, _key(lm, l, corpus_hash, n_tokens)),
-                                                 source=f"{described} ({n_tokens} tokens)")
-                except CacheCorruptedError as e:
-                    warnings.warn(f"key statistics cache rejected, recomputing: {e}", CacheRebuiltWarning, stacklevel=2)
+            hit = read_cached(stats_path(lm, l, corpus_hash, n_tokens), _FORMAT, _key(lm, l, corpus_hash, n_tokens),
+                              what=f"key statistics (layer {l})")
+            if hit is not None:
+                C = hit[1].get("C")
+                if C is None or tuple(C.shape) != (lm.d_mlp, lm.d_mlp) or C.dtype != torch.float64:
+                    continue  # pragma: no cover - a digest-valid entry of this format always holds C
+                # same tokens, same C: the source names the corpus this call was given
+                out[l] = KeyStats(l, C, n_tokens, f"{described} ({n_tokens} tokens)", corpus_hash, cached=True)
     todo = [l for l in layers if l not in out]
     if not todo:
         return out
@@ -286,6 +327,10 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
     if tokens is None:
         tokens, _ = token_stream(lm, MODEL_SAMPLES, n_tokens, seq_len=seq_len, seed=seed)
         n_tokens = int(tokens.numel())
+    if n_tokens < lm.d_mlp:
+        warnings.warn(f"key statistics from {n_tokens} tokens, fewer than d_mlp = {lm.d_mlp}: C is singular "
+                      "(rank <= n_tokens). It is returned but not cached, and ROME/MEMIT refuse it; use at least "
+                      f"{lm.d_mlp} tokens", InsufficientStatisticsWarning, stacklevel=2)
     source = f"{described} ({n_tokens} tokens)"
     if samples:
         source = f"model samples (asked for; {n_tokens} tokens sampled from {lm.name}, seed {seed})"
@@ -315,7 +360,8 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
         C = sums[l] / n_tokens
         st = KeyStats(l, C, n_tokens, source, corpus_hash)
         if cache:
-            _save(stats_path(lm, l, corpus_hash, n_tokens), st, _key(lm, l, corpus_hash, n_tokens))
+            write_cached(stats_path(lm, l, corpus_hash, n_tokens), _FORMAT, _key(lm, l, corpus_hash, n_tokens),
+                         body={"source": source}, tensors={"C": C})
         out[l] = st
     return {l: out[l] for l in layers}
 
@@ -331,11 +377,13 @@ def stats_for(lm, layers: Sequence[int], rt, *, n_tokens: int = DEFAULT_N_TOKENS
     out = {}
     for l, st in dict(rt.stats or {}).items():
         if not isinstance(st, KeyStats):
-            raise TypeError(f"stats[{l}] must be a KeyStats, got {type(st).__name__}")
+            raise InvalidArgumentError(f"stats[{l}] must be a KeyStats, got {type(st).__name__}")
         if tuple(st.C.shape) != (lm.d_mlp, lm.d_mlp):
             raise FingerprintMismatchError(f"key statistics for layer {l} are {tuple(st.C.shape)}, the model's "
                                            f"keys are {lm.d_mlp} wide: they were made for another model")
-        out[int(l)] = st
+        if not bool(torch.isfinite(st.C).all()):
+            raise SingularStatisticsError(f"key statistics for layer {l} ({st.source}) are not finite")
+        out[int(l)] = check_enough_tokens(st)
     memo = rt.cache.setdefault("key_stats", {})
     corpus_tag = str(rt.corpus) if isinstance(rt.corpus, (str, os.PathLike)) or rt.corpus is None else id(rt.corpus)
     tag = (lm.fingerprint, corpus_tag, n_tokens)
@@ -345,6 +393,8 @@ def stats_for(lm, layers: Sequence[int], rt, *, n_tokens: int = DEFAULT_N_TOKENS
     missing = [l for l in layers if l not in out]
     if missing:
         got = key_second_moments(lm, missing, corpus=rt.corpus, n_tokens=n_tokens, progress=rt.progress)
+        for st in got.values():
+            check_enough_tokens(st)
         for l, st in got.items():
             memo[(tag, l)] = st
         out.update(got)

@@ -10,6 +10,7 @@ import torch
 from edit.stats import MODEL_SAMPLES, KeyStats, key_second_moments, stats_path, token_stream
 from locate.errors import SingularStatisticsError
 from locate.loading import CacheRebuiltWarning
+from locate.testing import tiny_model
 
 TEXTS = ["The cat sat on the mat and looked at the garden.", "Paris is the capital of France, a country in Europe.",
          "In 1969 astronauts first walked on the Moon.", "Water boils at one hundred degrees Celsius."] * 12
@@ -43,29 +44,32 @@ def test_one_pass_matches_direct_computation_for_every_layer(lm, tmp_cache):
         assert ((st.C - C).abs().max() / C.abs().max()) < 1e-5
 
 
+ENOUGH = 2000  # >= d_mlp = 1536: statistics from fewer tokens are singular and never cached
+
+
 def test_cache_hit_and_corrupt_file_is_detected_and_rebuilt(lm, tmp_cache):
-    first = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    first = key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3]
     assert not first.cached
-    path = stats_path(lm, 3, first.corpus_hash, 200)
+    path = stats_path(lm, 3, first.corpus_hash, ENOUGH)
     assert path.is_file() and str(path).startswith(str(tmp_cache / "stats" / lm.fingerprint))
-    again = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    again = key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3]
     assert again.cached and torch.equal(again.C, first.C)
 
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0xFF  # flip bits inside C
     path.write_bytes(bytes(raw))
     with pytest.warns(CacheRebuiltWarning, match="SHA-256"):
-        rebuilt = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+        rebuilt = key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3]
     assert not rebuilt.cached and torch.equal(rebuilt.C, first.C)
 
     path.write_bytes(b"not a safetensors file")
     with pytest.warns(CacheRebuiltWarning, match="unreadable"):
-        key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)
+        key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)
     # a file holding another key (here: another layer) is refused, not silently used
-    other = stats_path(lm, 4, first.corpus_hash, 200)
+    other = stats_path(lm, 4, first.corpus_hash, ENOUGH)
     other.write_bytes(path.read_bytes())
     with pytest.warns(CacheRebuiltWarning, match="layer"):
-        key_second_moments(lm, 4, corpus=TEXTS, n_tokens=200, progress=False)
+        key_second_moments(lm, 4, n_tokens=ENOUGH, progress=False)
 
 
 def test_different_corpus_or_token_count_gets_its_own_entry(lm, tmp_cache):
@@ -84,9 +88,10 @@ def test_text_file_source_records_file_and_token_count(lm, tmp_cache, shared_dat
 
 
 def test_model_samples_by_name_and_says_so(lm, tmp_cache):
-    st = key_second_moments(lm, 0, corpus=MODEL_SAMPLES, n_tokens=64, seq_len=32, progress=False)[0]
-    assert st.source.startswith("model samples (asked for") and st.n_tokens == 64
-    assert key_second_moments(lm, 0, corpus=MODEL_SAMPLES, n_tokens=64, seq_len=32, progress=False)[0].cached
+    tiny = tiny_model("gpt2", lm.tokenizer)  # d_mlp = 256: enough sampled tokens to be cached, sampled fast
+    st = key_second_moments(tiny, 0, corpus=MODEL_SAMPLES, n_tokens=256, seq_len=32, progress=False)[0]
+    assert st.source.startswith("model samples (asked for") and st.n_tokens == 256
+    assert key_second_moments(tiny, 0, corpus=MODEL_SAMPLES, n_tokens=256, seq_len=32, progress=False)[0].cached
 
 
 def test_solve_is_a_cholesky_solve_and_singular_stats_raise():
@@ -119,17 +124,17 @@ def test_caches_made_under_other_library_versions_are_not_reused(lm, tmp_cache, 
     from edit.context import context_templates
     from locate.loading import derived_cache_key
 
-    first = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    first = key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3]
     key, installed = derived_cache_key(lm), transformers.__version__
     templates = context_templates(lm, lengths=((4, 2),))
     assert key.startswith(lm.fingerprint) and len(list((tmp_cache / "context").glob(f"{key}-*"))) == 1
     monkeypatch.setattr(transformers, "__version__", "0.0.0-other")
     assert derived_cache_key(lm) != key
-    again = key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3]
+    again = key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3]
     assert not again.cached and torch.equal(again.C, first.C)  # recomputed (deterministically), not reused
-    assert stats_path(lm, 3, first.corpus_hash, 200).parent.name == derived_cache_key(lm)
+    assert stats_path(lm, 3, first.corpus_hash, ENOUGH).parent.name == derived_cache_key(lm)
     assert context_templates(lm, lengths=((4, 2),)) == templates  # regenerated: same seed, same text
     assert len(list((tmp_cache / "context").glob(f"{lm.fingerprint}-*"))) == 2
     monkeypatch.setattr(transformers, "__version__", installed)  # not undo(): that would also drop tmp_cache's env
     assert derived_cache_key(lm) == key
-    assert key_second_moments(lm, 3, corpus=TEXTS, n_tokens=200, progress=False)[3].cached
+    assert key_second_moments(lm, 3, n_tokens=ENOUGH, progress=False)[3].cached
