@@ -11,25 +11,31 @@ Templates follow the reference code: the bare "{}" plus, for each (length, count
 "The", "Therefore", "Because", "I", "You" (as MEMIT's code does, so no architecture-specific start
 token is needed), normalised as the reference normalises generated text (NFKD, blank lines to a space),
 with braces removed and ". {}" appended. The ROME defaults ((5, 10), (10, 10)) give
-21 templates. They are seeded, and cached per model and library versions (memory, and JSON under
-``locate.cache_dir()/context/``).
+21 templates. They are seeded, and cached in memory and on disk (``locate.cache_dir()/context/``, one
+entry of :func:`locate.loading.write_cached`: format, key, SHA-256, atomic write). The key is the model
+*as it is* (:func:`locate.loading.derived_cache_key`: weights, applied edits, library versions), the
+seed and the lengths; a file that fails its check is reported (:class:`locate.loading.CacheRebuiltWarning`)
+and regenerated. ``cache=False`` neither reads nor writes either cache.
 """
 
 from __future__ import annotations
 
-import json
+import numbers
 import unicodedata
+import warnings
 from typing import Sequence
 
 import torch
 
 from locate import capture_at, resolve_model
-from locate.loading import cache_dir, derived_cache_key
+from locate.errors import InvalidArgumentError
+from locate.loading import CacheRebuiltWarning, cache_dir, derived_cache_key, read_cached, write_cached
 
 from .request import Request
 
 ROME_TEMPLATE_LENGTHS = ((5, 10), (10, 10))
 _STARTS = ("The", "Therefore", "Because", "I", "You")
+_FORMAT = "locate-edit/context-templates/3"  # 3: the shared cache entry of locate.loading (2: normalised text)
 
 
 def normalize_generation(text: str) -> str:
@@ -53,23 +59,44 @@ def sample(lm, prompt: str, n: int, n_new: int, generator: torch.Generator, top_
     return [normalize_generation(t) for t in texts]
 
 
+def _is_template_list(templates, lengths) -> bool:
+    """Whether ``templates`` is what :func:`context_templates` makes for ``lengths``: the bare "{}" first,
+    one "{}" in each, as many as asked for."""
+    return (isinstance(templates, list) and len(templates) == sum(template_groups(lengths))
+            and templates[:1] == ["{}"] and all(isinstance(t, str) and t.count("{}") == 1 for t in templates))
+
+
+def _check_lengths(lengths) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple((a, b) for a, b in lengths)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"lengths must be (token length, count) pairs, got {lengths!r}") from e
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for pair in out for x in pair):
+        raise InvalidArgumentError(f"lengths must be pairs of positive ints, got {lengths!r}")
+    return tuple((int(a), int(b)) for a, b in out)
+
+
 def context_templates(model=None, *, seed: int = 0, lengths: Sequence[tuple[int, int]] = ROME_TEMPLATE_LENGTHS,
                       cache: bool = True) -> list[str]:
-    """``["{}", "<prefix>. {}", ...]``: the bare template plus model-generated prefixes, seeded."""
+    """``["{}", "<prefix>. {}", ...]``: the bare template plus model-generated prefixes, seeded.
+    ``cache=False`` generates them afresh (no memory or disk cache is read or written)."""
     lm = resolve_model(model)
-    key = f"{derived_cache_key(lm)}-v2-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)  # v2: normalised
+    lengths = _check_lengths(lengths)
+    model_key = derived_cache_key(lm)  # the model as it is now: weights, applied edits, library versions
+    name = f"{model_key}-v3-seed{seed}-" + "-".join(f"{a}x{b}" for a, b in lengths)
+    key = {"model": model_key, "seed": seed, "lengths": lengths}
     memo = lm.__dict__.setdefault("_context_templates", {})
-    if key in memo:
-        return list(memo[key])
-    path = cache_dir() / "context" / f"{key}.json"
-    if cache and path.is_file():
-        try:
-            templates = json.loads(path.read_text())
-            if isinstance(templates, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
-                memo[key] = templates
-                return list(templates)
-        except (OSError, json.JSONDecodeError):
-            pass  # unreadable: regenerate and overwrite
+    path = cache_dir() / "context" / f"{name}.json"
+    if cache and name in memo:
+        return list(memo[name])
+    if cache:
+        hit = read_cached(path, _FORMAT, key, what="context templates")
+        if hit is not None and _is_template_list(hit[0], lengths):
+            memo[name] = hit[0]
+            return list(hit[0])
+        if hit is not None:
+            warnings.warn(f"context templates cache rejected, regenerating it: {path} does not hold "
+                          f"{sum(template_groups(lengths))} templates", CacheRebuiltWarning, stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length, count in lengths:
@@ -80,10 +107,9 @@ def context_templates(model=None, *, seed: int = 0, lengths: Sequence[tuple[int,
             n_new = max(1, length - len(lm.encode(start)))
             for text in sample(lm, start, n, n_new, gen):
                 templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    memo[key] = templates
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(templates, indent=1))
+        memo[name] = templates
+        write_cached(path, _FORMAT, key, body=templates)
     return list(templates)
 
 
@@ -119,10 +145,10 @@ def subject_keys(model, requests: Sequence[Request], layer: int, templates: Sequ
     the groups, as MEMIT's ``compute_ks`` does: with ``[1, 5]`` the bare prompt weighs 1/2, not 1/6."""
     lm = resolve_model(model)
     lm.check_layer(layer)
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError("every context template must contain exactly one '{}'")
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise InvalidArgumentError("every context template must contain exactly one '{}'")
     if groups is not None and (sum(groups) != len(templates) or any(g < 1 for g in groups)):
-        raise ValueError(f"template groups {list(groups)} do not partition the {len(templates)} templates")
+        raise InvalidArgumentError(f"template groups {list(groups)} do not partition the {len(templates)} templates")
     rows, pos = [], []
     for r in requests:
         r.check(lm)
