@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import re
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from locate import resolve_model
-from locate.errors import CacheCorruptedError, EditStateError, FingerprintMismatchError, LocateEditError
+from locate.errors import (
+    CacheCorruptedError,
+    EditStateError,
+    FingerprintMismatchError,
+    InvalidEditError,
+    LocateEditError,
+    NonFiniteEditError,
+)
 
 from .request import Request
 
@@ -68,10 +76,21 @@ class WeightDelta:
     kind: ClassVar[str] = "weight"
 
     def __post_init__(self):
+        if isinstance(self.param, bool) or not isinstance(self.param, (str, numbers.Integral)):
+            raise InvalidEditError(f"a WeightDelta's param is a parameter name or an int layer, got "
+                                   f"{type(self.param).__name__} {self.param!r}")
         if not isinstance(self.param, str):
             self.param = f"blocks.{int(self.param)}.mlp.out.weight"
         if (self.dense is None) == (self.left is None or self.right is None):
-            raise ValueError("a WeightDelta is either dense or a pair of low-rank factors")
+            raise InvalidEditError("a WeightDelta is either dense or a pair of low-rank factors")
+        given = {k: t for k, t in (("dense", self.dense), ("left", self.left), ("right", self.right)) if t is not None}
+        for k, t in given.items():  # dense: the parameter's shape (a bias is 1-D); factors: matrices
+            if not isinstance(t, torch.Tensor) or t.ndim < 1 or (k != "dense" and t.ndim != 2):
+                raise InvalidEditError(f"{self.param}: {k} must be a {'' if k == 'dense' else '2-D '}tensor, got "
+                                       f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if self.dense is None and self.left.shape[1] != self.right.shape[0]:
+            raise InvalidEditError(f"{self.param}: low-rank factors of shapes {tuple(self.left.shape)} and "
+                                   f"{tuple(self.right.shape)} do not chain (left is (d_out, r), right (r, d_in))")
 
     @classmethod
     def compact(cls, param: str | int, matrix: torch.Tensor, rank: int | None = None) -> "WeightDelta":
@@ -216,7 +235,7 @@ class Edit:
     def __post_init__(self):
         for iv in self.interventions:
             if not isinstance(iv, (WeightDelta, HookModule, InputTransform)):
-                raise TypeError(f"an intervention is a WeightDelta, HookModule or InputTransform, not {type(iv).__name__}")
+                raise InvalidEditError(f"an intervention is a WeightDelta, HookModule or InputTransform, not {type(iv).__name__}")
 
     # ------------------------------------------------------------------ views
     @property
@@ -289,7 +308,7 @@ class Edit:
                 raise FingerprintMismatchError(f"the model has no hook point(s) {missing}")
         for name, t in self._tensors().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise LocateEditError(f"refusing to apply {self!r}: tensor {name} is not finite")
+                raise NonFiniteEditError(f"refusing to apply {self!r}: tensor {name} is not finite")
 
     # ------------------------------------------------------------------ apply / revert
     @torch.no_grad()
@@ -306,6 +325,10 @@ class Edit:
                 W = lm.parameter(d.param)
                 backup.setdefault(d.param, W.clone())
                 W.add_(d.matrix().to(device=W.device, dtype=W.dtype))
+            for name, w in backup.items():  # finite factors can still overflow in the model's dtype
+                if bool(torch.isfinite(w).all()) and not bool(torch.isfinite(lm.parameter(name)).all()):
+                    raise NonFiniteEditError(f"refusing to apply {self!r}: {name} would not be finite in "
+                                             f"{w.dtype} once the delta is added (overflow); the model is unchanged")
             for m in self.hook_modules:
                 m.to(lm.device)
                 for name, fn in m.hook_fns().items():
@@ -414,7 +437,9 @@ class Edit:
                     meta["fingerprint"], meta.get("model_name", ""), meta.get("layer_reason", ""),
                     meta.get("hparams", {}), meta.get("timings", {}), meta.get("loss_trace", []),
                     meta.get("metrics", {}), meta.get("created", ""), list(meta.get("parents", [])), state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except CacheCorruptedError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, LocateEditError) as err:
             raise CacheCorruptedError(f"{path}: malformed edit file ({type(err).__name__}: {err})") from err
         if e.id != meta.get("id"):
             raise CacheCorruptedError(f"{path}: the edit's content does not match its recorded id")

@@ -129,7 +129,9 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
     W = lm.mlp_out_weight(layer)
     Lam, denominator = rank_one_update(W, lm.mlp_out_bias(layer), k_lambda, u, v_star)
     left, right = Lam[:, None].to(W.dtype), u[None, :].to(W.dtype)
-    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):  # checked after the cast to W's dtype
+    # checked after the cast to W's dtype, on the factors, their product and the edited weight (as apply adds it):
+    # float64 values that are finite can overflow in float16/bfloat16 at any of the three
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all() and torch.isfinite(W + left @ right).all()):
         raise EditFailedError(f"ROME update is not finite in {W.dtype} (uᵀk = {float(denominator):.3g}); "
                               "the model is unchanged")
     timings["update_s"] = time.perf_counter() - t
