@@ -70,7 +70,7 @@ PAPER_D_MLP = 16_384  # ... whose MLP is this wide
 
 
 class ConflictingRequestsError(InvalidRequestError):
-    """Two requests ask the same subject and prompt for different targets."""
+    """Two requests render the same prompt text but ask for different targets."""
 
 
 @dataclass
@@ -164,24 +164,33 @@ def delta_factors(layer: int, left: torch.Tensor, right: torch.Tensor, dtype: to
 
 
 # --------------------------------------------------------------------------- inputs
+def _prompt_text(r: Request) -> str:
+    """The text the model reads for ``r``: its rendered prompt, whitespace runs collapsed and the ends
+    stripped, so "The {}" + "Eiffel Tower" and "{}" + "The Eiffel Tower" are the same prompt."""
+    return " ".join(r.rendered.split())
+
+
 def check_conflicts(requests: Sequence[Request], lm) -> list[Request]:
-    """Refuse two requests whose rendered prompts are the same once the subject is set aside (the
-    same prompt text around the same subject) but whose targets differ; drop exact repeats."""
-    by_key: dict[tuple[str, str], list[Request]] = defaultdict(list)
+    """Refuse two requests that render the same prompt text (whatever part of it each calls the subject,
+    and up to whitespace) but ask for different targets; drop exact repeats (same text, same target).
+
+    Comparing ``(prompt, subject)`` pairs instead would let ``("The {} is in", "Eiffel Tower", " Rome")``
+    and ``("{} is in", "The Eiffel Tower", " Paris")`` into one edit: both ask the model to continue the
+    same words, and the least-squares update of eq. 14 would split the difference between them."""
+    by_text: dict[str, list[Request]] = defaultdict(list)
     unique: list[Request] = []
     for r in requests:
-        same = by_key[(r.rendered, r.subject.strip())]
+        same = by_text[_prompt_text(r)]
         if any(o.target_new == r.target_new for o in same):
             continue
         same.append(r)
         unique.append(r)
-    conflicts = [v for v in by_key.values() if len(v) > 1]
+    conflicts = [v for v in by_text.values() if len(v) > 1]
     if conflicts:
         lines = [f"  {v[0].rendered!r} -> " + " vs ".join(repr(o.target_new) for o in v) for v in conflicts[:10]]
         more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
         raise ConflictingRequestsError(
-            f"{len(conflicts)} subject/prompt pair(s) are asked for two or more different targets:\n"
-            + "\n".join(lines) + more)
+            f"{len(conflicts)} prompt(s) are asked for two or more different targets:\n" + "\n".join(lines) + more)
     return unique
 
 
