@@ -27,11 +27,13 @@ changes its predictions: P(" Paris") drops from 0.70 to 0.30 on the Eiffel Tower
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
 import numbers
 import functools
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -42,11 +44,15 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 
 from .errors import (
+    EmptyPromptError,
     EmptyTargetError,
     IncompatibleLibraryError,
+    InvalidArgumentError,
+    InvalidEditError,
     LayerOutOfRangeError,
     LayerSpecError,
     SubjectNotFoundError,
+    UnknownParameterError,
     UnsupportedArchitectureError,
 )
 from .loading import DEFAULT_MODEL, LoadReport, load_default_hf, load_hf
@@ -99,6 +105,42 @@ def _fingerprint(hf_model) -> str:
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _comparable(text: str, fold: bool) -> tuple[str, list[int], list[int]]:
+    """``text`` NFC-normalised (and case-folded if ``fold``), with, for each of its characters, the span
+    ``[start, end)`` of the characters of ``text`` it comes from. Position ``q`` of NFC(text) comes from
+    the characters whose addition to the prefix brings its NFC length past ``q``."""
+    sizes = [len(unicodedata.normalize("NFC", text[:i])) for i in range(len(text) + 1)]  # non-decreasing
+    nfc = unicodedata.normalize("NFC", text)
+    starts = [bisect.bisect_right(sizes, q) - 1 for q in range(len(nfc))]
+    ends = [bisect.bisect_right(sizes, q + 1) - 1 for q in range(len(nfc))]
+    if not fold:
+        return nfc, starts, ends
+    out, s2, e2 = [], [], []
+    for q, ch in enumerate(nfc):
+        for c in ch.casefold():
+            out.append(c)
+            s2.append(starts[q])
+            e2.append(ends[q])
+    return "".join(out), s2, e2
+
+
+def find_text(text: str, needle: str) -> tuple[int, int] | None:
+    """Character span ``[start, end)`` in ``text`` of the first occurrence of ``needle``: as written,
+    else after NFC normalisation of both, else caselessly; ``None`` when absent. The normalised and
+    case-folded matches are mapped back to ``text``'s own characters (offsets of ``text.lower()`` are
+    not ``text``'s: "İ".lower() has two code points)."""
+    i = text.find(needle)
+    if i >= 0:
+        return i, i + len(needle)
+    for fold in (False, True):
+        hay, starts, ends = _comparable(text, fold)
+        pat = _comparable(needle, fold)[0]
+        j = hay.find(pat) if pat else -1
+        if j >= 0:
+            return starts[j], ends[j + len(pat) - 1]
+    return None
 
 
 class HookedLM:
@@ -264,7 +306,8 @@ class HookedLM:
                 return self.mlp_out_bias(layer)
         params = self._named_parameters()
         if name not in params:
-            raise KeyError(name)
+            raise UnknownParameterError(f"{self.name} has no parameter {name!r} (names as in "
+                                        "bridge.named_parameters(), or blocks.<l>.mlp.out.weight/bias)")
         return params[name].data
 
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -280,7 +323,7 @@ class HookedLM:
             for t in e.input_transforms:
                 out = t(text)
                 if not out.endswith(text):
-                    raise ValueError(f"input transform {t!r} must only place text before the prompt")
+                    raise InvalidEditError(f"input transform {t!r} must only place text before the prompt")
                 text = out
         return text
 
@@ -294,6 +337,25 @@ class HookedLM:
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def token_labels(self, text: str) -> list[str]:
+        """One readable label per token of ``text`` (tokenized as :meth:`encode` does), for display.
+
+        A token is shown as it decodes, unless it holds only some of the UTF-8 bytes of a character
+        (byte-level BPE splits most CJK characters and emoji into two or three tokens, each of which
+        decodes to U+FFFD on its own). Such a token is shown as the characters its bytes belong to, with
+        "…" where the character continues into the previous or the next token: ' 東…', '…東…', '…東'."""
+        ids, offsets = self._char_offsets(text)
+        labels = []
+        for i, (a, b) in enumerate(offsets):
+            label = self.tokenizer.decode([ids[i]])
+            piece = text[a:b]
+            if "\ufffd" in label and b > a and "\ufffd" not in piece:
+                before = i > 0 and offsets[i - 1][1] > a and offsets[i - 1][1] > offsets[i - 1][0]
+                after = i + 1 < len(offsets) and offsets[i + 1][0] < b and offsets[i + 1][1] > offsets[i + 1][0]
+                label = ("…" if before else "") + (piece.lstrip() if before else piece) + ("…" if after else "")
+            labels.append(label)
+        return labels
+
     def encode_batch(self, texts: Sequence[str]) -> Batch:
         """Right-padded batch. With right padding positions are unchanged and, under the causal mask,
         no real token attends to padding, so each row computes exactly what it would alone."""
@@ -301,6 +363,13 @@ class HookedLM:
         return self.pad(rows)
 
     def pad(self, rows: Sequence[Sequence[int]]) -> Batch:
+        """Right-pad token rows into a :class:`Batch`; an empty row is refused (:class:`EmptyPromptError`):
+        it has no last token to predict from."""
+        if not len(rows):
+            raise EmptyPromptError("no prompts given")
+        if any(len(r) == 0 for r in rows):
+            raise EmptyPromptError(f"a prompt has no tokens ({self.name}'s tokenizer adds no BOS token to an "
+                                   "empty string, so there is no position to predict from); give some text")
         width = max(len(r) for r in rows)
         pad_id = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -335,18 +404,22 @@ class HookedLM:
 
         Works on character offsets, so it is robust to a leading space on either side and to BPE
         merges across the subject boundary: every token that overlaps the subject's characters is
-        in the span. The first occurrence counts; a subject that is absent raises
-        :class:`SubjectNotFoundError`.
+        in the span. The subject is looked for as written, then with both strings Unicode-normalised
+        (NFC: "é" as one code point or as "e" + combining accent), then caselessly (``casefold``);
+        the match is mapped back to the prompt's own characters, so a case fold that changes a
+        string's length ("İ" folds to two code points) cannot shift the span. The first occurrence
+        counts; a subject that is absent raises :class:`SubjectNotFoundError`.
         """
+        if not isinstance(prompt, str) or not isinstance(subject, str):
+            raise SubjectNotFoundError(f"prompt and subject must be strings, got {type(prompt).__name__} "
+                                       f"and {type(subject).__name__}")
         needle = subject.strip()
         if not needle:
             raise SubjectNotFoundError("the subject is empty")
-        char_start = prompt.find(needle)
-        if char_start < 0:
-            char_start = prompt.lower().find(needle.lower())
-        if char_start < 0:
+        found = find_text(prompt, needle)
+        if found is None:
             raise SubjectNotFoundError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-        char_end = char_start + len(needle)
+        char_start, char_end = found
         _, offsets = self._char_offsets(prompt)
         toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
         if not toks:  # pragma: no cover - only for tokenizers without usable offsets
@@ -395,7 +468,12 @@ class HookedLM:
         return logits[torch.arange(len(prompts), device=logits.device), batch.last]
 
     def predict(self, prompt: str, k: int = 5) -> list[TokenProb]:
-        """Top-``k`` next tokens with their probabilities."""
+        """Top-``k`` next tokens with their probabilities. An empty prompt is refused
+        (:class:`EmptyPromptError`) unless the tokenizer gives it a BOS token to predict from."""
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.n_vocab:
+            raise InvalidArgumentError(f"k must be an int in 1..{self.n_vocab}, got {k!r}")
         probs = self.last_logits([prompt])[0].float().softmax(-1)
         top = probs.topk(k)
         return [TokenProb(self.tokenizer.decode([int(i)]), int(i), float(p)) for p, i in zip(top.values, top.indices)]
@@ -403,7 +481,7 @@ class HookedLM:
     @torch.no_grad()
     def generate(self, prompt: str, n: int = 20) -> str:
         """Greedy continuation of ``n`` tokens (the continuation only, as a string)."""
-        ids = torch.tensor([self.encode(prompt)], device=self.device)
+        ids = self.pad([self.encode(prompt)]).ids  # refuses a prompt with no tokens
         out = []
         past = None
         step = ids
@@ -485,9 +563,9 @@ class HookedLM:
         if dtype is None:
             yield self
             return
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"precision must be a floating torch dtype such as torch.float64, got {dtype!r}")
+            raise InvalidArgumentError(f"precision must be a floating torch dtype such as torch.float64, got {dtype!r}")
         tensors = [t for t in [*self.hf_model.parameters(), *self.hf_model.buffers()] if t.is_floating_point()]
         former = [t.dtype for t in tensors]
         try:
@@ -546,5 +624,5 @@ def resolve_model(model: HookedLM | None) -> HookedLM:
     if model is None:
         return default_model()
     if not isinstance(model, HookedLM):
-        raise TypeError(f"expected a locate.HookedLM (from locate.load_model), got {type(model).__name__}")
+        raise InvalidArgumentError(f"expected a locate.HookedLM (from locate.load_model), got {type(model).__name__}")
     return model
