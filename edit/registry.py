@@ -25,18 +25,38 @@ into layers.
 
 Run-time knobs that are not hyperparameters (the statistics corpus, progress bars, the seed, caches
 shared between the edits of one run) travel in a :class:`Runtime`.
+
+Checks :func:`compute` makes for every method. Before any work: each request is valid on the model
+(:meth:`edit.Request.check`), and a target that would be glued to the prompt's last word ("of" + "Rome")
+gets a :class:`locate.errors.TargetSpacingWarning`. After the method: its edit is applied, measured
+and reverted (bit-exact) to record in ``Edit.metrics`` whether it takes (:func:`request_outcomes`):
+
+* ``efficacy``: the share of requests whose ``target_new`` is the top-1 continuation of the rendered
+  prompt, at every one of its tokens (teacher-forced), once the edit is applied. Below 1 an
+  :class:`locate.errors.EditIneffectiveWarning` names the requests that did not take;
+* ``already_predicted``: per request, whether the model already continued it with ``target_new``
+  *before* the edit (the edit then changes little that matters, but still moves the weights);
+* ``request_outcomes``: per request, ``p_new`` (and ``p_true``) as whole continuations and the top-1
+  token, before and after.
+
+An edit that would make a weight non-finite is refused there, before the caller ever applies it.
+``Runtime(check_efficacy=False)`` skips the measurement (two forwards of the requests' prompts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from locate import resolve_layers, resolve_model
-from locate.errors import InvalidHparamsError, MethodNotAvailableError
+import torch
 
-from .edit import Edit
+from locate import resolve_layers, resolve_model
+from locate.errors import EditIneffectiveWarning, InvalidHparamsError, MethodNotAvailableError, TargetSpacingWarning
+
+from .edit import Edit, applied
 from .request import InvalidRequestError, Request
 
 
@@ -48,7 +68,8 @@ class Runtime:
     strings, ``"hf:..."`` or ``"model-samples"``; see :mod:`edit.stats`); ``stats``: precomputed ``{layer: KeyStats}``;
     ``progress``: show progress bars; ``seed``: for anything sampled; ``cache``: a dict a method may
     fill with things worth keeping across the edits of one run (projections, retrieval indices);
-    ``data_dir``: where datasets live (IKE's demonstration pool); ``callback``: progress records."""
+    ``data_dir``: where datasets live (IKE's demonstration pool); ``callback``: progress records;
+    ``check_efficacy``: measure whether each computed edit takes (see the module docstring)."""
 
     corpus: Any = None
     stats: dict | None = None
@@ -57,6 +78,7 @@ class Runtime:
     cache: dict = field(default_factory=dict)
     data_dir: Any = None
     callback: Callable[[dict], None] | None = None  # called with a progress record (e.g. MEMIT's per layer)
+    check_efficacy: bool = True  # apply, measure and revert each computed edit (Edit.metrics["efficacy"])
 
 
 @dataclass(frozen=True)
@@ -140,18 +162,99 @@ def get_method(name: str | EditMethod) -> EditMethod:
     return _REGISTRY[name]
 
 
+def _spaced_word_char(c: str) -> bool:
+    """A letter or digit of a script that separates words by spaces (not CJK, which writes none)."""
+    return c.isalnum() and unicodedata.east_asian_width(c) not in ("W", "F")
+
+
+def glued_targets(requests: Sequence[Request]) -> list[Request]:
+    """The requests whose ``target_new`` would be glued to the prompt's last word: no whitespace between
+    them and both sides letters or digits ("...the city of" + "Rome" reads "ofRome")."""
+    return [r for r in requests if r.rendered and r.target_new
+            and _spaced_word_char(r.rendered[-1]) and _spaced_word_char(r.target_new[0])]
+
+
 def check_requests(requests: Request | Sequence[Request], lm) -> list[Request]:
-    """A non-empty list of valid requests (each checked against the model before any work)."""
+    """A non-empty list of valid requests (each checked against the model before any work). A target
+    that would be glued to the prompt's last word is written as given, with a :class:`TargetSpacingWarning`."""
     if isinstance(requests, Request):
         requests = [requests]
-    requests = list(requests)
+    try:
+        requests = list(requests)
+    except TypeError as e:
+        raise InvalidRequestError(f"expected an edit.Request or a list of them, got {type(requests).__name__}") from e
     if not requests:
         raise InvalidRequestError("no requests given")
     for r in requests:
         if not isinstance(r, Request):
             raise InvalidRequestError(f"expected edit.Request, got {type(r).__name__}: {r!r}")
         r.check(lm)
+    glued = glued_targets(requests)
+    if glued:
+        shown = ", ".join(f"{r.rendered[-12:] + r.target_new!r}" for r in glued[:3])
+        more = f" and {len(glued) - 3} more" if len(glued) > 3 else ""
+        warnings.warn(f"{len(glued)} target(s) have no leading space and will be glued to the prompt's last word: "
+                      f"...{shown}{more}. Targets carry their leading space, as in CounterFact (' Rome'); "
+                      "if the language writes no space there, ignore this warning", TargetSpacingWarning, stacklevel=3)
     return requests
+
+
+_OUTCOME_ROWS = 16  # prompts per forward when measuring outcomes (the logits are rows x tokens x vocabulary)
+
+
+@torch.no_grad()
+def request_outcomes(lm, requests: Sequence[Request]) -> list[dict]:
+    """What the model does *now* with each request's rendered prompt: ``new_is_top1`` (``target_new`` is
+    the argmax at every one of its tokens, teacher-forced), ``p_new`` (its probability as a whole
+    continuation), ``p_true`` (the same for ``target_true``, ``None`` without one) and ``top1`` (the
+    most likely next token)."""
+    rows, meta = [], []
+    for i, r in enumerate(requests):
+        prompt = lm.encode(r.rendered)
+        for which, target in (("new", r.target_new), ("true", r.target_true)):
+            if target is not None:
+                ids = lm.target_ids(target, r.rendered)
+                rows.append(prompt + ids)
+                meta.append((i, which, len(prompt), ids))
+    out = [{"new_is_top1": False, "p_new": 0.0, "p_true": None, "top1": ""} for _ in requests]
+    for s in range(0, len(rows), _OUTCOME_ROWS):
+        batch = lm.pad(rows[s: s + _OUTCOME_ROWS])
+        logp = lm.forward(batch).float().log_softmax(-1)
+        for b, (i, which, n_prompt, ids) in enumerate(meta[s: s + _OUTCOME_ROWS]):
+            pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(ids), device=logp.device)
+            target = torch.tensor(ids, device=logp.device)
+            scores = logp[b, pos]
+            out[i][f"p_{which}"] = float(scores.gather(-1, target[:, None]).sum().exp())
+            if which == "new":
+                out[i]["new_is_top1"] = bool((scores.argmax(-1) == target).all())
+                out[i]["top1"] = lm.tokenizer.decode([int(scores[0].argmax())])
+    return out
+
+
+def record_efficacy(lm, e: Edit) -> Edit:
+    """Apply ``e``, measure :func:`request_outcomes`, revert it (bit-exact), and record in ``e.metrics``
+    ``efficacy``, ``already_predicted`` and ``request_outcomes`` (module docstring); warn
+    (:class:`EditIneffectiveWarning`) when some request does not take."""
+    if not e.requests:
+        return e
+    before = request_outcomes(lm, e.requests)
+    with applied(lm, e):
+        after = request_outcomes(lm, e.requests)
+    outcomes = [{"took": a["new_is_top1"], "already_predicted": b["new_is_top1"],
+                 "top1_before": b["top1"], "top1_after": a["top1"], "p_new_before": b["p_new"],
+                 "p_new_after": a["p_new"], "p_true_before": b["p_true"], "p_true_after": a["p_true"]}
+                for b, a in zip(before, after)]
+    took = [o["took"] for o in outcomes]
+    e.metrics["efficacy"] = sum(took) / len(took)
+    e.metrics["already_predicted"] = [o["already_predicted"] for o in outcomes]
+    e.metrics["request_outcomes"] = outcomes
+    if not all(took):
+        failed = [(r, o) for r, o in zip(e.requests, outcomes) if not o["took"]]
+        shown = "; ".join(f"{r.rendered!r} -> {o['top1_after']!r}, not {r.target_new!r}" for r, o in failed[:3])
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        warnings.warn(f"{e.method}: the edit does not take for {len(failed)} of {len(took)} request(s): {shown}{more} "
+                      "(Edit.metrics['request_outcomes'] has the probabilities)", EditIneffectiveWarning, stacklevel=3)
+    return e
 
 
 def compute(method: str | EditMethod, requests: Request | Sequence[Request], *, model=None, hparams=None,
@@ -179,6 +282,8 @@ def compute(method: str | EditMethod, requests: Request | Sequence[Request], *, 
         raise TypeError(f"{m.name} must return an unapplied Edit")
     e.parents = [x.id for x in lm.applied_edits]
     e._id = None
+    if rt.check_efficacy:
+        record_efficacy(lm, e)
     return e
 
 
