@@ -33,3 +33,48 @@ def test_hparam_arguments_are_parsed_and_checked_before_the_model_loads(capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main(args + ["--hparam", "v_stepz=3"]) == 2
     assert "no hyperparameter(s) ['v_stepz']" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 18 item 10: bad paths, before the model loads
+def _no_model(monkeypatch):
+    import locate
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(locate, "load_model", refuse)
+
+
+EDIT = ["edit", "--subject", "The Eiffel Tower", "--prompt", "{} is located in the city of", "--target", " Rome"]
+
+
+def test_missing_corpus_requests_and_facts_files_are_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    _no_model(monkeypatch)
+    assert main(EDIT + ["--corpus", str(tmp_path / "missing.txt")]) == 2
+    assert "corpus file" in capsys.readouterr().err
+    assert main(["edit", "--requests", str(tmp_path / "missing.json")]) == 2
+    assert "requests file not found" in capsys.readouterr().err
+    assert main(["trace-many", str(tmp_path / "missing.json")]) == 2
+    assert "facts file not found" in capsys.readouterr().err
+
+
+def test_bad_file_contents_and_outputs_are_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    _no_model(monkeypatch)
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(bytes(range(256)) * 16)
+    assert main(EDIT + ["--corpus", str(binary)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    broken = tmp_path / "facts.json"
+    broken.write_text("[{\"prompt\": ")
+    assert main(["trace-many", str(broken)]) == 2
+    assert "not a JSON list" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(EDIT + ["--save", str(blocker / "sub" / "e.safetensors")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    assert main(["trace", "x", "--subject", "x", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(EDIT + ["--layer", "3.5"]) == 2
+    assert "--layer must be an int or auto" in capsys.readouterr().err
+    assert main(["edit", "--subject", "a", "--prompt", "no placeholder", "--target", " b"]) == 2
+    assert "exactly one" in capsys.readouterr().err

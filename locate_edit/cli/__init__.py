@@ -22,9 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; bad input (any :class:`LocateEditError`, checked before a model loads where it
+    can be) and a file that cannot be read or written end with one line on stderr, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except LocateEditError as e:
         print(f"locate-edit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the run could not read or write (permissions, a full disk)
+        print(f"locate-edit: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

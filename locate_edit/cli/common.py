@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import locate
 from edit import InvalidHparamsError
-from edit.stats import MODEL_SAMPLES
-from edit.eval.datasets import DatasetNotFoundError, find_data_dir  # noqa: F401  (re-exported for the subcommands)
+from edit.stats import MODEL_SAMPLES, check_corpus_file
+from edit.eval.datasets import DatasetError, DatasetNotFoundError, find_data_dir  # noqa: F401  (re-exported)
+from locate.causal_trace import load_facts
+from locate.errors import LocateEditError
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--device``, shared by every subcommand that runs a model."""
@@ -27,7 +30,7 @@ def corpus_arg(value: str | None):
     ``model-samples``, ``hf:...``, or a text file that must exist (checked before any model is loaded)."""
     if value is None or value == MODEL_SAMPLES or value.startswith("hf:"):
         return value
-    return existing_file(value, "corpus file")
+    return check_corpus_file(value)  # missing, binary or undecodable: refused now
 
 
 CORPUS_HELP = ("text for the key statistics: a text file, 'hf:<dataset>', or 'model-samples' (text the model "
@@ -42,6 +45,33 @@ def existing_file(path: str | None, what: str) -> Path | None:
     if not p.is_file():
         raise DatasetNotFoundError(f"{what} not found: {p}")
     return p
+
+
+def output_path(path: str | None, what: str) -> Path | None:
+    """``path`` as a Path, checked before any model is loaded: not a directory, and its folder exists
+    (or can be created) and is writable, so that a long run does not fail when it saves."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DatasetError(f"{what} {p} is a directory; give a file name")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists will hold the new ones
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DatasetError(f"cannot write the {what} {p}: {folder} is not a writable folder")
+    return p
+
+
+def facts_arg(path: str) -> list[dict]:
+    """The facts of a JSON file (known_1000 shape), read and checked before any model is loaded."""
+    p = existing_file(path, "facts file")
+    try:
+        return load_facts(p)
+    except LocateEditError:
+        raise
+    except (ValueError, TypeError, AttributeError) as e:  # malformed JSON, or not a list of objects
+        raise DatasetError(f"{p}: not a JSON list of {{prompt, subject, attribute}} facts ({e})") from e
 
 
 def print_top(lm, prompt: str, title: str, k: int = 5) -> None:

@@ -7,12 +7,13 @@ from edit.stats import describe_corpus
 from locate import trace
 from viz.trace import trace_heatmaps
 
-from .common import add_model_args, load_model, print_top
+from .common import add_model_args, load_model, output_path, print_top
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 
 
 def run(args) -> int:
+    output_path(args.out, "heatmap figure (--out)")  # before the model loads
     lm = load_model(args)
     print(f"{lm!r}  [{lm.load_report.source}, {lm.load_report.seconds:.1f} s]")
     print(f"\nTop-5 next tokens for {DEMO_PROMPT!r}:")

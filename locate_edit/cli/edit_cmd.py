@@ -8,12 +8,19 @@ before and after, optionally save the edit(s).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import edit
 from edit.eval.datasets import load_requests
 
-from .common import add_model_args, CORPUS_HELP, corpus_arg, existing_file, load_model, parse_assignment, print_top
+from .common import (
+    CORPUS_HELP,
+    add_model_args,
+    corpus_arg,
+    existing_file,
+    load_model,
+    output_path,
+    parse_assignment,
+    print_top,
+)
 
 
 def parse_hparams(items, method: edit.EditMethod) -> dict:
@@ -29,19 +36,28 @@ def layer_hparams(args, method: edit.EditMethod) -> dict:
         return {}
     if method.layers is None:
         raise edit.InvalidHparamsError(f"{method.name} edits no particular layer; drop --layer/--layers")
-    return {"layers": spec if isinstance(spec, list) else (spec if spec == "auto" else int(spec))}
+    if isinstance(spec, list) or spec == "auto":
+        return {"layers": spec}
+    try:
+        return {"layers": int(spec)}
+    except ValueError:
+        raise edit.LayerSpecError(f"--layer must be an int or auto, got {spec!r}") from None
 
 
 def run(args) -> int:
     method = edit.get_method(args.method)
     hp = {**parse_hparams(args.hparam, method), **layer_hparams(args, method)}
+    # everything that can be checked without the model is checked before it loads (seconds to minutes)
     requests_file = existing_file(args.requests, "requests file")
     corpus = corpus_arg(args.corpus)
+    save = output_path(args.save, "edit file (--save)")
     if requests_file is None and not (args.subject and args.prompt and args.target):
         raise edit.InvalidRequestError("--subject, --prompt and --target are required (or --requests FILE)")
-    lm = load_model(args)
     requests = (load_requests(requests_file) if requests_file else
                 [edit.Request(args.prompt, args.subject, args.target, args.target_true)])
+    for r in requests:
+        r.check()
+    lm = load_model(args)
     for r in requests:
         r.check(lm)
     before = {r.rendered: lm.predict(r.rendered, 1)[0].token for r in requests}
@@ -50,6 +66,9 @@ def run(args) -> int:
     try:
         for e in edits:
             print(f"{e!r}\n  {e.layer_reason or 'no layer'}; " + ", ".join(f"{k} {v:.1f}" for k, v in e.timings.items()))
+            if "efficacy" in e.metrics:
+                print(f"  efficacy {e.metrics['efficacy']:.2f} (share of requests whose target is now the top-1 "
+                      f"continuation); already predicted before: {sum(e.metrics['already_predicted'])}")
         for r in requests:
             after = lm.predict(r.rendered, 1)[0].token
             print(f"  {r.rendered!r}: {before[r.rendered]!r} -> {after!r}  (target {r.target_new!r})")
@@ -58,8 +77,7 @@ def run(args) -> int:
     finally:
         for e in reversed(edits):
             e.revert(lm)
-    if args.save:
-        save = Path(args.save)
+    if save is not None:
         for i, e in enumerate(edits):
             path = save if len(edits) == 1 else save.with_name(f"{save.stem}-{i:03d}{save.suffix}")
             print(f"saved to {e.save(path)}")

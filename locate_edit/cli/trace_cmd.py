@@ -5,10 +5,12 @@ from __future__ import annotations
 from locate import trace
 from viz.trace import trace_heatmaps
 
-from .common import add_model_args, load_model
+from .common import add_model_args, load_model, output_path
 
 
 def run(args) -> int:
+    output_path(args.json, "trace file (--json)")  # before the model loads
+    output_path(args.out, "figure (--out)")
     lm = load_model(args)
     tr = trace(args.prompt, args.subject, model=lm, target=args.target, kinds=tuple(args.kinds),
                samples=args.samples, window=args.window, seed=args.seed, progress=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from locate import trace_many
 from viz.trace import aie_plot
 
-from .common import existing_file, load_model
+from .common import facts_arg, load_model, output_path
 from .trace_cmd import add_trace_args
 
 
 def run(args) -> int:
-    facts = existing_file(args.facts, "facts file")  # before the model loads
+    facts = facts_arg(args.facts)  # read and checked before the model loads
+    out = output_path(args.out, "AIE plot (--out)")
+    output_path(args.results, "results file (--results)")
     lm = load_model(args)
     res = trace_many(facts, model=lm, n=args.n, kinds=tuple(args.kinds), samples=args.samples,
                      window=args.window, seed=args.seed, results=args.results)
@@ -18,8 +20,8 @@ def run(args) -> int:
     for kind in res.kinds:
         a = res.array(kind)
         print(f"  {kind}: peak AIE at last subject token, layer {int(a[2].argmax())} ({a[2].max():.4f})")
-    if args.out:
-        aie_plot(res, save=args.out)
+    if out is not None:
+        aie_plot(res, save=out)
         print(f"AIE plot saved to {args.out}")
     return 0
 
