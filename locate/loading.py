@@ -166,8 +166,12 @@ _ENTRY_META = "locate_edit"
 
 
 def _canonical(value: Any) -> Any:
-    """``value`` as JSON reads it back (tuples become lists), so keys compare equal after a round trip."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+    """``value`` as JSON reads it back (tuples become lists), so keys compare equal after a round trip.
+    Anything JSON cannot write (a numpy array, a tensor) is refused, never stored as its ``str``."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"a cache key or body must be JSON (lists, dicts, str, int, float): {e}") from e
 
 
 def _entry_digest(fmt: str, key: Any, body: Any, tensors: dict[str, torch.Tensor]) -> str:

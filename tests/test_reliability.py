@@ -235,6 +235,8 @@ def test_cache_entries_check_format_key_and_digest(tmp_path):
         assert read_cached(path, "test/1", {"model": "m", "layer": 3}, what="test") is None
     assert read_cached(tmp_path / "absent.json", "test/1", {}, what="test") is None
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave no temporaries
+    with pytest.raises(InvalidArgumentError, match="must be JSON"):  # not stored as the array's str()
+        write_cached(tmp_path / "p.json", "test/1", {"model": "m"}, body={"aie": np.zeros(3)})
 
 
 # ============================================================== item 9: integral layers that are not ints
