@@ -61,8 +61,13 @@ def main() -> None:
         settings = {"method": m, "n": len(cases), "batch_size": args.batch_size, "hparams": hps.get(m, {}),
                     "ppl_tokens": args.ppl_tokens, "fingerprint": lm.fingerprint}
         sfile = out / "settings.json"
-        if sfile.is_file() and json.loads(sfile.read_text()) != settings:
-            raise SystemExit(f"{out} holds a run with other settings; use another --out")
+        if sfile.is_file():
+            # A run may be extended to more cases (the cases are a prefix of one ordered file), nothing else.
+            stored = json.loads(sfile.read_text())
+            if {k: v for k, v in stored.items() if k != "n"} != {k: v for k, v in settings.items() if k != "n"}:
+                raise SystemExit(f"{out} holds a run with other settings; use another --out")
+            if stored["n"] % args.batch_size and stored["n"] < len(cases):
+                raise SystemExit(f"{out} ended on a partial batch ({stored['n']} cases); it cannot be extended")
         sfile.write_text(json.dumps(settings, indent=1))
         cfile = out / "curve.jsonl"
         done = {}
