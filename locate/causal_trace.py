@@ -21,7 +21,9 @@ Kinds of state (what is restored at layer ``l``):
   :func:`restored_probability` with ``lm.hook_embed``).
 * ``"mlp"`` / ``"attn"``: the MLP / attention output of every layer in the **window**
   ``[l - w//2, l + w - w//2)`` clipped to ``[0, n_layers)``, as ``trace_important_window`` in the
-  paper's code.
+  paper's code. ``w`` is the reference's 10 by default (``n_layers`` on a model with fewer than 10
+  layers, e.g. a tiny test model); a ``window`` given larger than ``n_layers`` is refused, since every
+  score would then restore (almost) every layer.
 
 Noise level ``nu`` (``noise=``), as the paper's code's default rule ``s3``:
 
@@ -46,6 +48,9 @@ match (the one decoded token is only its start) and such a fact is skipped. ``kn
 
 :func:`trace` uses the fast path (:mod:`locate._fast_restore`); ``method="loop"`` runs the plain
 per-(token, layer) loop below, one hooked forward per restoration, kept as the semantic reference.
+The fast path's memory stays flat as the prompt grows (its batches share the corrupted run's
+key/value prefix); a prompt longer than ``PROGRESS_MIN_TOKENS`` tokens shows a progress bar unless
+``progress=False``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -64,10 +70,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import data_dir_candidates, read_json, write_json
-from .errors import LocateEditError, SubjectNotFoundError, TokenNotInVocabularyError
+from .errors import LocateEditError, LocateEditWarning, SubjectNotFoundError, TokenNotInVocabularyError
 from ._fast_restore import fast_scores
 from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
-from .loading import cache_dir, derived_cache_key
+from .loading import cache_dir, derived_cache_key, read_cached, write_cached
 from .model import HookedLM, resolve_model
 
 KINDS = ("hidden", "mlp", "attn")
@@ -77,13 +83,49 @@ KNOWN_MATCHES = ("answer", "first_token")  # see the module docstring; "answer" 
 POOLINGS = ("rows", "facts")  # see average_indirect_effects; "rows" is the reference notebook's
 KNOWN_FACTS_FILE = Path("known_1000") / "known_1000.json"  # inside a data directory
 NOISE_FACTOR = 3.0  # the reference's "s3": nu = 3 x the embedding std
+DEFAULT_WINDOW = 10  # the reference's window (trace_important_window's default)
+PROGRESS_MIN_TOKENS = 256  # trace shows a progress bar by default for prompts longer than this
+NOISE_CACHE_FORMAT = "locate-edit/noise-std/1"
 
 
 class TraceError(LocateEditError, ValueError):
-    """Bad arguments to a causal trace (unknown kind, window < 1, samples < 1...)."""
+    """Bad arguments to a causal trace (unknown kind, window outside 1..n_layers, samples < 1, a token
+    index outside the prompt or an unknown token name...)."""
 
 
-class NoiseFallbackWarning(UserWarning):
+def token_names(span: tuple[int, int], n_tokens: int) -> dict[str, int]:
+    """The named token rows of a prompt of ``n_tokens`` tokens whose subject is ``span``."""
+    return {"first_subject": span[0], "last_subject": span[1] - 1, "first_subsequent": span[1],
+            "last": n_tokens - 1}
+
+
+def check_token(token, span: tuple[int, int], n_tokens: int) -> int:
+    """The row index of ``token`` (an index in ``0..n_tokens-1`` or a name of :func:`token_names`), or
+    :class:`TraceError` naming the valid range and names. A negative index is refused rather than read
+    from the end: -1 would be the last row, not "before the subject"."""
+    named = token_names(span, n_tokens)
+    if isinstance(token, str):
+        if token not in named:
+            raise TraceError(f"unknown token name {token!r}; the names are {sorted(named)}")
+        if named[token] >= n_tokens:  # "first_subsequent" of a prompt that ends with the subject
+            raise TraceError(f"token {token!r} does not exist: the subject ends the prompt "
+                             f"({n_tokens} tokens)")
+        return named[token]
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+        raise TraceError(f"a token is an index (int) or one of {sorted(named)}, got {type(token).__name__} "
+                         f"{token!r}")
+    if not 0 <= int(token) < n_tokens:
+        raise TraceError(f"token index {int(token)} is out of range: the prompt has {n_tokens} tokens, indices "
+                         f"0..{n_tokens - 1} (negative indices are not accepted; use 'last' for the last token)")
+    return int(token)
+
+
+class NonFiniteTraceError(TraceError):
+    """A trace whose probabilities came out NaN or infinite (the noise overflowed the model's dtype, or
+    the model itself outputs non-finite logits): refused rather than returned."""
+
+
+class NoiseFallbackWarning(LocateEditWarning):
     """``noise="auto"`` found no known_1000 subjects and used the embedding-matrix std instead."""
 
 
@@ -130,13 +172,8 @@ class CausalTrace:
         return int(t), int(l)
 
     def token_index(self, token: str | int) -> int:
-        if isinstance(token, (int, np.integer)):
-            return int(token)
-        named = {"first_subject": self.subject_range[0], "last_subject": self.subject_range[1] - 1,
-                 "first_subsequent": self.subject_range[1], "last": len(self.tokens) - 1}
-        if token not in named:
-            raise TraceError(f"token {token!r}: use an index or one of {sorted(named)}")
-        return named[token]
+        """The row of ``token``: an index ``0..len(tokens)-1`` or a name (see :func:`check_token`)."""
+        return check_token(token, self.subject_range, len(self.tokens))
 
     def best_layer(self, kind: str = "mlp", token: str | int = "last_subject") -> int:
         """The layer with the largest indirect effect of ``kind`` at ``token``."""
@@ -210,48 +247,45 @@ def find_known_facts() -> Path | None:
     return None
 
 
-def _digest(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
 def subjects_embedding_std(lm: HookedLM, facts_file: str | Path, *, cache: bool = True) -> tuple[float, int]:
     """(std of the token embeddings of the subjects in ``facts_file``, number of subjects).
 
-    Cached per model (:func:`locate.loading.derived_cache_key`) and file content under
-    ``cache_dir()/noise/`` with a SHA-256 of the entry; a corrupted entry is reported and recomputed."""
+    Cached per model as it is (:func:`locate.loading.derived_cache_key`, applied edits included) and
+    file content under ``cache_dir()/noise/``, through the toolkit's one cache mechanism
+    (:func:`locate.loading.write_cached`: key, SHA-256, atomic write, format version); an entry that
+    fails its check is reported (:class:`locate.loading.CacheRebuiltWarning`) and recomputed."""
     path = Path(facts_file)
     if not path.is_file():
         raise TraceError(f"noise: facts file not found: {path}")
     raw = path.read_bytes()
-    key = f"{derived_cache_key(lm)}-{hashlib.sha256(raw).hexdigest()[:12]}"
-    entry = cache_dir() / "noise" / f"{key}.json"
-    if cache and entry.is_file():
-        try:
-            d = json.loads(entry.read_text())
-            if d["sha256"] != _digest(d["body"]):
-                raise ValueError("checksum mismatch")
-            return float(d["body"]["std"]), int(d["body"]["n_subjects"])
-        except (ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"noise cache {entry} is corrupted ({e}); recomputing it", stacklevel=2)
+    facts_sha = hashlib.sha256(raw).hexdigest()
+    model_key = derived_cache_key(lm)
+    entry = cache_dir() / "noise" / f"{model_key}-{facts_sha[:12]}.json"
+    key = {"model": model_key, "facts_sha256": facts_sha}
+    if cache:
+        got = read_cached(entry, NOISE_CACHE_FORMAT, key, what="noise")
+        if got is not None:
+            body, _ = got
+            return float(body["std"]), int(body["n_subjects"])
     try:
         subjects = [f["subject"] for f in json.loads(raw)]
     except (ValueError, TypeError, KeyError) as e:
         raise TraceError(f"{path}: not a JSON list of facts with a 'subject' ({e})") from e
     body = {"std": embedding_std(lm, subjects), "n_subjects": len(subjects)}
     if cache:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sha256": _digest(body), "body": body}))
-        tmp.replace(entry)
+        write_cached(entry, NOISE_CACHE_FORMAT, key, body=body)
     return body["std"], body["n_subjects"]
 
 
 def noise_level(lm: HookedLM, noise="auto") -> NoiseLevel:
-    """``nu`` and where it came from; ``noise`` as in the module docstring."""
+    """``nu`` and where it came from; ``noise`` as in the module docstring. Anything else (``None``, a
+    negative or non-finite number, a list holding non-strings) raises :class:`TraceError`."""
     if isinstance(noise, NoiseLevel):
+        if not _finite_level(noise.nu):
+            raise TraceError(f"noise level must be a finite number >= 0, got {noise.nu!r}")
         return noise
-    if isinstance(noise, (int, float)) and not isinstance(noise, bool):
-        if not math.isfinite(noise) or noise < 0:
+    if isinstance(noise, numbers.Real) and not isinstance(noise, bool):
+        if not _finite_level(noise):
             raise TraceError(f"noise level must be a finite number >= 0, got {noise}")
         return NoiseLevel(float(noise), "given")
     matrix = f"{NOISE_FACTOR:g} x std of the token-embedding matrix"
@@ -273,9 +307,16 @@ def noise_level(lm: HookedLM, noise="auto") -> NoiseLevel:
         std, n = subjects_embedding_std(lm, noise)
         return NoiseLevel(NOISE_FACTOR * std, f"{NOISE_FACTOR:g} x std of the token embeddings of the {n} "
                                               f"subjects of {Path(noise).name}")
+    if not isinstance(noise, (list, tuple)) or not all(isinstance(x, str) for x in noise):
+        raise TraceError(f"noise={noise!r}: use 'auto', 'embedding_matrix', a number, a facts JSON file "
+                         "or a list of subject strings")
     subjects = list(noise)
     return NoiseLevel(NOISE_FACTOR * embedding_std(lm, subjects),
                       f"{NOISE_FACTOR:g} x std of the token embeddings of {len(subjects)} given subjects")
+
+
+def _finite_level(nu) -> bool:
+    return isinstance(nu, numbers.Real) and not isinstance(nu, bool) and math.isfinite(nu) and nu >= 0
 
 
 def draw_noise(samples: int, n_tokens: int, d_model: int, level: float, *, seed: int,
@@ -324,7 +365,7 @@ def restored_probability(lm: HookedLM, ids: Sequence[int], span: tuple[int, int]
     hooks = [(lm.hook_embed, add_noise)] + [(n, patcher(n)) for n in by_name]
     x = torch.tensor([list(ids)] * samples, device=lm.device)
     with lm.hooks(hooks):
-        logits = lm.hf_model(input_ids=x).logits[:, -1]
+        logits = lm.hf_model(input_ids=x, logits_to_keep=1).logits[:, -1]
     return float(logits.float().softmax(-1)[:, answer_id].mean())
 
 
@@ -349,7 +390,10 @@ def resolve_answer(lm: HookedLM, prompt: str, target, clean_logits: torch.Tensor
         if not 0 <= int(target) < lm.n_vocab:
             raise TokenNotInVocabularyError(f"target token id {target} is outside the vocabulary (0..{lm.n_vocab - 1})")
         return int(target)
-    ids = lm.target_ids(str(target), prompt)
+    if not isinstance(target, str):
+        raise TraceError(f"target must be None, a token id or a one-token string, got {type(target).__name__} "
+                         f"{target!r}")
+    ids = lm.target_ids(target, prompt)
     unk = getattr(lm.tokenizer, "unk_token_id", None)
     if len(ids) != 1 or (unk is not None and ids[0] == unk):
         pieces = [lm.tokenizer.decode([i]) for i in ids]
@@ -360,47 +404,87 @@ def resolve_answer(lm: HookedLM, prompt: str, target, clean_logits: torch.Tensor
     return ids[0]
 
 
-def _check_args(kinds, samples, window):
-    kinds = tuple(kinds)
+def _check_args(kinds, samples, window, n_layers: int) -> tuple[tuple[str, ...], int]:
+    """(kinds, window): checked, the window resolved (``None``: the reference's 10, or ``n_layers`` when
+    the model has fewer layers; a window given larger than ``n_layers`` is refused)."""
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(dict.fromkeys(kinds))  # in order, without repeats
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise TraceError(f"unknown kinds {bad}; choose from {KINDS}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise TraceError(f"samples must be an int >= 1, got {samples!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise TraceError(f"window must be an int >= 1, got {window!r}")
-    return kinds
+    return kinds, resolve_window(window, n_layers)
+
+
+def resolve_window(window: int | None, n_layers: int) -> int:
+    """The mlp/attn restoration window: ``None`` gives the reference's 10 (``n_layers`` on a model with
+    fewer layers); a given window must be an int in ``1..n_layers`` (:class:`TraceError` otherwise; a
+    larger one would restore nearly every layer at every column, silently flattening the trace)."""
+    if window is None:
+        return min(DEFAULT_WINDOW, n_layers)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 1 <= window <= n_layers:
+        raise TraceError(f"window must be an int in 1..{n_layers} (the model's number of layers), got {window!r}")
+    return int(window)
 
 
 def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=None,
           kinds: Sequence[str] = KINDS, samples: int = 10, noise="auto", uniform_noise: bool = False,
-          window: int = 10, seed: int = 0, method: str = "fast", batch_size: int = 256,
-          tokens: Sequence[int | str] | None = None, progress: bool = False) -> CausalTrace:
+          window: int | None = None, seed: int = 0, method: str = "fast", batch_size: int = 256,
+          tokens: Sequence[int | str] | None = None, progress: bool | None = None) -> CausalTrace:
     """Causally trace ``prompt``'s answer through ``subject`` (see the module docstring).
 
     ``target``: an answer token (string of one token, or an id) instead of the clean top-1.
     ``noise``: ``"auto"`` (the reference's 3 x std of known_1000's subject embeddings, cached),
     ``"embedding_matrix"``, a facts JSON path, a list of subjects, a number or a :class:`NoiseLevel`.
     ``method``: ``"fast"`` (default) or ``"loop"`` (the per-(token, layer) reference, same numbers).
-    ``batch_size``: rows per forward in the fast path (restorations x samples).
-    ``tokens``: trace only these token rows (indices or names such as ``"last_subject"``); the other
-    rows of ``scores`` are NaN. Fast path only.
+    ``window``: layers restored together for mlp/attn (default: the reference's 10, or ``n_layers``
+    when the model has fewer; at most ``n_layers``).
+    ``batch_size``: rows per forward in the fast path (restorations x samples); long prompts use
+    fewer rows per forward, so memory does not grow with the prompt.
+    ``tokens``: trace only these token rows (indices ``0..n_tokens-1`` or the names
+    ``"first_subject"``, ``"last_subject"``, ``"first_subsequent"``, ``"last"``); the other rows of
+    ``scores`` are NaN. A negative or out-of-range index or an unknown name raises
+    :class:`TraceError`. Fast path only.
+    ``progress``: a progress bar; ``None`` (default) shows one for prompts longer than
+    ``PROGRESS_MIN_TOKENS`` (256) tokens.
     """
 
     lm = resolve_model(model)
-    kinds = _check_args(kinds, samples, window)
+    kinds, window = _check_args(kinds, samples, window, lm.n_layers)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise TraceError(f"seed must be an int in 0..2**63-1, got {seed!r}")
+    samples, seed = int(samples), int(seed)  # numpy integers would not survive the JSON round trip
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise TraceError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if method not in ("fast", "loop"):
         raise TraceError(f"method must be 'fast' or 'loop', got {method!r}")
     if tokens is not None and method != "fast":
         raise TraceError("tokens= (a subset of rows) needs the fast path")
+    if not isinstance(prompt, str) or not isinstance(subject, str):
+        raise TraceError(f"prompt and subject must be strings, got {type(prompt).__name__} and "
+                         f"{type(subject).__name__}")
     span = lm.subject_span(prompt, subject)  # raises SubjectNotFoundError
     ids = lm.encode(prompt)
+    rows = None
+    if tokens is not None:
+        if isinstance(tokens, (str, int, np.integer)):
+            tokens = [tokens]
+        rows = [check_token(t, span, len(ids)) for t in tokens]
+        if not rows:
+            raise TraceError("tokens= is empty: name at least one token row to trace (or pass None for all)")
+    if progress is None:
+        progress = len(ids) > PROGRESS_MIN_TOKENS
     level, source = noise_level(lm, noise)
     t0 = time.perf_counter()
     clean_logits, _ = clean_states(lm, ids, [])
     answer_id = resolve_answer(lm, prompt, target, clean_logits)
     p_clean = float(clean_logits.float().softmax(-1)[answer_id])
     eps = draw_noise(samples, span[1] - span[0], lm.d_model, level, seed=seed, uniform=uniform_noise)
+    if not bool(torch.isfinite(eps.to(lm.dtype)).all()):
+        raise TraceError(f"noise level {level:g} overflows the model's {lm.dtype}: the corrupted embeddings "
+                         "would not be finite")
     timing = {}
     if method == "loop":
         p_corrupted = restored_probability(lm, ids, span, eps, answer_id, (), {})
@@ -410,19 +494,21 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
             scores[kind] = loop_scores(lm, ids, span, eps, answer_id, kind, window, progress=progress)
             timing[kind] = time.perf_counter() - tk
     else:
-        rows = None
-        if tokens is not None:
-            named = {"first_subject": span[0], "last_subject": span[1] - 1, "first_subsequent": span[1],
-                     "last": len(ids) - 1}
-            rows = [named[t] if isinstance(t, str) else int(t) for t in tokens]
         p_corrupted, scores, timing = fast_scores(lm, ids, span, eps, answer_id, kinds, window, tokens=rows,
                                                   batch_size=batch_size, progress=progress)
+    traced = list(range(len(ids))) if rows is None else rows
+    if not all(math.isfinite(p) for p in (p_clean, p_corrupted)) or \
+            not all(np.isfinite(scores[k][traced]).all() for k in kinds):
+        raise NonFiniteTraceError(
+            f"the trace of {prompt!r} gave non-finite probabilities (p_clean {p_clean}, p_corrupted {p_corrupted}, "
+            f"noise level {level:g}): the model's outputs overflow (a noise level too large for {lm.dtype}, or "
+            "non-finite weights); nothing is returned rather than NaN scores")
     return CausalTrace(
-        prompt=prompt, subject=subject, tokens=lm.to_str_tokens(ids), subject_range=tuple(span),
+        prompt=prompt, subject=subject, tokens=lm.token_labels(prompt), subject_range=tuple(span),
         answer_id=answer_id, answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean,
         p_corrupted=p_corrupted, scores=scores, kinds=kinds, window=window, samples=samples, seed=seed,
         noise_level=level, noise_kind="uniform" if uniform_noise else "gaussian", noise_source=source,
-        model=lm.name, fingerprint=lm.fingerprint, method=method, seconds=time.perf_counter() - t0,
+        model=lm.name, fingerprint=lm.state_fingerprint, method=method, seconds=time.perf_counter() - t0,
         timing=timing)
 
 
@@ -512,7 +598,7 @@ def load_facts(facts) -> list[dict]:
 
 
 def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, kinds: Sequence[str] = KINDS,
-               samples: int = 10, noise="auto", uniform_noise: bool = False, window: int = 10, seed: int = 0,
+               samples: int = 10, noise="auto", uniform_noise: bool = False, window: int | None = None, seed: int = 0,
                results: str | Path | None = None, batch_size: int = 256, known_match: str = "answer",
                pool: str = "rows", progress: bool = True) -> AIEResult:
     """Trace each known fact and average the indirect effects per token group (paper Figure 2).
@@ -526,7 +612,8 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
     """
 
     lm = resolve_model(model)
-    kinds = _check_args(kinds, samples, window)
+    kinds, window = _check_args(kinds, samples, window, lm.n_layers)
+    samples = int(samples)
     _check_known_match(known_match)
     _check_pool(pool)
     facts = load_facts(facts)[:n] if n is not None else load_facts(facts)
@@ -560,7 +647,8 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
             tr = None
             if known:
                 tr = trace(f["prompt"], f["subject"], model=lm, kinds=kinds, samples=samples, noise=nl,
-                           uniform_noise=uniform_noise, window=window, seed=seed, batch_size=batch_size)
+                           uniform_noise=uniform_noise, window=window, seed=seed, batch_size=batch_size,
+                           progress=False)
         except SubjectNotFoundError:
             known, tr = False, None
         if known:

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import font_manager, rcParams
 
 from locate.causal_trace import TOKEN_GROUPS
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "restored MLP", "attn": "restored attention"}
+# fonts with CJK glyphs, used as fallbacks for token labels when one is installed
+CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+             "WenQuanYi Zen Hei", "Droid Sans Fallback", "IPAGothic", "Microsoft YaHei", "MS Gothic",
+             "Hiragino Sans", "Arial Unicode MS")
+
+
+def token_label_fonts() -> list[str]:
+    """The font families for token labels: matplotlib's default sans-serif, then any installed CJK font
+    (matplotlib falls back glyph by glyph along the list), so CJK tokens are drawn where a font has them."""
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return list(rcParams["font.sans-serif"][:1]) + [f for f in CJK_FONTS if f in installed]
+
+
+def token_labels(trace) -> list[str]:
+    """One y-axis label per token row: the token as :meth:`locate.HookedLM.token_labels` shows it (a
+    byte-level piece of a CJK character or emoji as that character, with "…" where it continues into
+    the next or previous token, not as U+FFFD), quoted; subject tokens starred."""
+    s0, s1 = trace.subject_range
+    return [f"{t!r}*" if s0 <= i < s1 else repr(t) for i, t in enumerate(trace.tokens)]
 
 
 def trace_heatmap(trace, kind: str = "hidden", *, ax=None, save: str | None = None):
@@ -16,12 +36,11 @@ def trace_heatmap(trace, kind: str = "hidden", *, ax=None, save: str | None = No
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.2, 0.32 * len(trace.tokens) + 1.4))
     fig = ax.figure
-    s0, s1 = trace.subject_range
     scores = trace.scores[kind]
     im = ax.pcolormesh(scores, cmap=CMAPS.get(kind, "viridis"), vmin=trace.p_corrupted)
     ax.invert_yaxis()
     ax.set_yticks(np.arange(len(trace.tokens)) + 0.5)
-    ax.set_yticklabels([f"{t!r}*" if s0 <= i < s1 else repr(t) for i, t in enumerate(trace.tokens)], fontsize=8)
+    ax.set_yticklabels(token_labels(trace), fontsize=8, fontfamily=token_label_fonts())
     ax.set_xticks(np.arange(0, scores.shape[1], 5) + 0.5)
     ax.set_xticklabels(range(0, scores.shape[1], 5))
     win = "" if kind == "hidden" else f" (window {trace.window})"
