@@ -409,7 +409,10 @@ def _check_args(kinds, samples, window, n_layers: int) -> tuple[tuple[str, ...],
     the model has fewer layers; a window given larger than ``n_layers`` is refused)."""
     if isinstance(kinds, str):
         kinds = (kinds,)
-    kinds = tuple(dict.fromkeys(kinds))  # in order, without repeats
+    try:
+        kinds = tuple(dict.fromkeys(kinds))  # in order, without repeats
+    except TypeError as e:  # None, a number, unhashable items
+        raise TraceError(f"kinds must be a kind name or a sequence of them, from {KINDS}; got {kinds!r}") from e
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise TraceError(f"unknown kinds {bad}; choose from {KINDS}")

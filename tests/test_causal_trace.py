@@ -551,6 +551,9 @@ def test_bad_noise_and_targets_are_refused_not_traced(tmp_path):
     for seed in (-1, 2**64, 1.5):
         with pytest.raises(TraceError, match="seed"):
             trace(PROMPT, SUBJECT, noise=0.3, seed=seed, **kw)
+    for kinds in (None, 3, [["mlp"]]):  # None used to end in a TypeError (found by tests/test_properties.py)
+        with pytest.raises(TraceError, match="kinds"):
+            trace(PROMPT, SUBJECT, model=lm, kinds=kinds, samples=2, noise=0.3)
     tr = trace(PROMPT, SUBJECT, model=lm, kinds="mlp", samples=np.int64(2), seed=np.int64(1), noise=0.3)
     assert tr.kinds == ("mlp",) and CausalTrace.load(tr.save(tmp_path / "t.json")).samples == 2
     from locate.causal_trace import NonFiniteTraceError
