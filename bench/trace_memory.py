@@ -28,9 +28,11 @@ import subprocess
 import sys
 import time
 
+import locate
+
 try:  # optional: the current (not peak) resident memory
     import psutil
-except ImportError:  # pragma: no cover - psutil is a dev dependency
+except ImportError:  # not a dependency: without it only the peak is reported
     psutil = None
 
 FACT = "The Eiffel Tower is located in the city of"
@@ -56,8 +58,6 @@ def long_prompt(lm, length: int) -> str:
 
 
 def child(args) -> None:
-    import locate
-
     lm = locate.load_model(args.model) if args.model else locate.default_model()
     tokens = None if args.rows == "all" else [args.rows]
     kw = dict(model=lm, kinds=tuple(args.kinds), samples=args.samples, noise=0.3, batch_size=args.batch_size,
