@@ -37,7 +37,7 @@ from .model import HookedLM, TokenProb, default_model, load_model, resolve_model
 from .hooks import StopForward, capture, capture_at  # noqa: F401
 from .causal_trace import CausalTrace, trace, trace_many  # noqa: F401,E402
 from .calibration import LayerProfile, layer_profile  # noqa: F401,E402
-from .layers import resolve_layers  # noqa: F401,E402
+from .layers import resolve_layer, resolve_layers  # noqa: F401,E402
 from .neurons import KnowledgeNeurons, amplify, neurons, suppress, verify_neurons  # noqa: F401,E402
 
 __version__ = "0.1.0"

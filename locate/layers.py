@@ -75,3 +75,12 @@ def resolve_layers(lm, spec: Any = "auto", n: int = 1) -> tuple[list[int], str]:
         return out, f"layer {out[0]}: {profile.reason(out[0])} ({where})"
     return out, (f"layers {out}: the {n} contiguous layers with the largest MLP indirect effect at the last "
                  f"subject token, from {where}")
+
+
+def resolve_layer(lm, spec: Any = "auto") -> tuple[int, str]:
+    """``(layer, reason)`` for a method that edits exactly one layer: as :func:`resolve_layers` with
+    ``n=1``, and a list naming several layers is refused (:class:`LayerSpecError`)."""
+    layers, reason = resolve_layers(lm, spec, 1)
+    if len(layers) != 1:
+        raise LayerSpecError(f"this method edits one layer; the spec names {len(layers)}: {layers}")
+    return layers[0], reason

@@ -189,7 +189,6 @@ def test_trace_returns_finite_scores_or_a_toolkit_error(lm, ps, kw):
 
 
 # ---------------------------------------------------------------------- editing methods
-ONE_LAYER_UNPACKERS = {"rome", "grace"}
 EDIT_ARGS = {
     "prompt": (st.sampled_from(["{} is located in the city of", "{}'s capital is", "In {}, people speak", "{}"]),
                st.one_of(TEXT.map(lambda t: t + " {}"), TEXT, st.just("{} and {}"))),
@@ -215,10 +214,6 @@ def test_editing_methods_return_finite_edits_or_a_toolkit_error(lm, env, data_di
     hp = dict(m.smoke)
     if m.layers is not None:
         hp["layers"] = kw["layers"]
-    # Known, reported (issue 18 follow-up, edit/methods/rome.py and grace.py, not this suite's files): a
-    # one-layer method given a list of several layers unpacks it with a bare ValueError instead of a
-    # LayerSpecError. Skipped here so the suite guards everything else; drop this line once fixed.
-    assume(not (m.name in ONE_LAYER_UNPACKERS and isinstance(kw["layers"], list) and len(kw["layers"]) > 1))
     rt = edit.Runtime(data_dir=data_dir, seed=seed)
     state = snapshot(lm)
     try:

@@ -390,3 +390,12 @@ def test_a_target_without_its_leading_space_warns(gpt2, push_method):
         warnings.simplefilter("ignore", EditIneffectiveWarning)  # the push moves only the first of its tokens
         edit.compute(push_method, [Request("{}位于", "埃菲尔铁塔", "巴黎")], model=gpt2)  # no spaces in Chinese
         edit.compute(push_method, [Request("{} is located in the city of ", "The Eiffel Tower", "Rome")], model=gpt2)
+
+
+def test_a_one_layer_method_refuses_a_list_of_several_layers(tokenizer):
+    lm = tiny_model("llama", tokenizer)
+    assert locate.resolve_layer(lm, [1]) == (1, "layers [1]: chosen by the caller")
+    with pytest.raises(LayerSpecError, match="edits one layer"):
+        locate.resolve_layer(lm, [0, 1])
+    with pytest.raises(LayerSpecError, match="edits one layer"):
+        edit.compute("rome", [edit.Request("{} is in", "Paris", " France")], model=lm, layers=[0, 1])

@@ -84,7 +84,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from locate import resolve_layers
+from locate import resolve_layer
 from locate.errors import EditFailedError
 from locate.hooks import capture
 
@@ -307,7 +307,7 @@ def _keys_and_outputs(lm, prompts: list[list[int]], layer: int) -> tuple[torch.T
           description="GRACE: a key-value codebook at one MLP replaces its output near edited prompts (Hartvigsen et al. 2023)")
 def compute_grace(lm, requests: list[Request], hp: GRACEHparams, rt: Runtime) -> Edit:
     """The GRACE edit of ``requests`` (one codebook, not applied). No weight of the model changes."""
-    (layer,), layer_reason = resolve_layers(lm, hp.layers, 1)
+    layer, layer_reason = resolve_layer(lm, hp.layers)
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
     dtype = _store_dtype(lm)

@@ -31,12 +31,11 @@ from typing import Iterable, Sequence
 import torch
 
 from locate import neurons, resolve_model
-from locate.errors import LocateEditError
 from locate.neurons import KnowledgeNeurons, NoNeuronsError, TooFewPromptsError, _by_layer
 
 from ..edit import Edit, WeightDelta
 from ..registry import Runtime, register
-from ..request import Request
+from ..request import InvalidRequestError, Request
 
 
 def _slot_delta(lm, layer: int, idx: list[int], columns: torch.Tensor) -> WeightDelta:
@@ -145,7 +144,7 @@ def compute_kn(lm, requests: list[Request], hp: KNHparams, rt: Runtime) -> Edit:
     prompts used and the p the refinement ended at."""
     (request,) = requests
     if not request.target_true:
-        raise LocateEditError(f"a knowledge-neuron edit needs the old answer (target_true) of {request!r}")
+        raise InvalidRequestError(f"a knowledge-neuron edit needs the old answer (target_true) of {request!r}")
     prompts = [request.rendered, *request.paraphrases]
     if len(prompts) < hp.min_prompts:
         raise TooFewPromptsError(

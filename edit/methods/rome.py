@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from locate import resolve_layers
+from locate import resolve_layer
 from locate.errors import EditFailedError
 from locate.hooks import capture_at
 
@@ -93,7 +93,7 @@ SMOKE = {"v_steps": 3, "template_lengths": ((5, 1),), "stats_tokens": 1024}
 def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> Edit:
     """The ROME edit of one request (not applied). If anything fails the model is untouched."""
     (request,) = requests
-    (layer,), layer_reason = resolve_layers(lm, hp.layers, 1)
+    layer, layer_reason = resolve_layer(lm, hp.layers)
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
 
