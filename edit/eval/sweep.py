@@ -171,7 +171,7 @@ def analysed_cases(tracing: CaseTracing) -> tuple[list[int], str]:
     return list(range(len(tracing.known))), f"all {len(tracing.known)} swept cases (the model knows none)"
 
 
-def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: int = 10, seed: int = 0,
+def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: int | None = None, seed: int = 0,
                 out: str | Path | None = None, progress: bool = True) -> CaseTracing:
     """Trace each case's rewrite prompt on the (unedited) model: MLP indirect effects at the last
     subject token for every layer, on the first token of ``target_true``. With ``out`` the result is
@@ -179,6 +179,7 @@ def trace_cases(cases: Sequence[Case], model=None, *, samples: int = 3, window: 
 
     lm = resolve_model(model)
     nu = noise_level(lm, "auto")  # resolved once: the file records which ν (and rule) traced its cases
+    window = min(10, lm.n_layers) if window is None else window  # trace's default: the reference's 10, capped
     settings = {"fingerprint": lm.state_fingerprint, "cases": [str(c.case_id) for c in cases], "samples": samples,
                 "window": window, "seed": seed, "noise": [nu.nu, nu.source], "known_match": "answer"}
     if out is not None and Path(out).is_file():
@@ -398,7 +399,7 @@ def layer_hparams(method: str, layer: int) -> dict:
 
 def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence[int] | None = None, model=None,
                 aie="cases", hparams: dict | None = None, out: str | Path | None = None, fluency: bool = False,
-                trace_samples: int = 3, trace_window: int = 10, bootstrap: int = 1000, level: float = 0.95,
+                trace_samples: int = 3, trace_window: int | None = None, bootstrap: int = 1000, level: float = 0.95,
                 seed: int = 0, progress: bool = True, corpus=None, stats: dict | None = None) -> LayerSweep:
     """Edit ``cases`` with ``method`` at each of ``layers`` (default: all) and relate the metrics to
     causal tracing.

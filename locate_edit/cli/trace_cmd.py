@@ -27,7 +27,8 @@ def add_trace_args(p) -> None:
     add_model_args(p)
     p.add_argument("--kinds", nargs="+", default=["hidden", "mlp", "attn"])
     p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--window", type=int, default=None,
+                   help="restoration window in layers (default: 10, the reference's, capped at the model's depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="figure path (.png, .pdf, .svg)")
 
