@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from locate.errors import InvalidArgumentError
 from locate.hooks import as_cache, capture, prefix_cache
 
 
@@ -36,7 +37,7 @@ class SuffixBatch:
         """Suffix-local index of full-row positions (which must be >= the row's start)."""
         local = full_positions - self.starts[rows]
         if bool((local < 0).any()):
-            raise ValueError("a requested position lies in a row's cached prefix")
+            raise InvalidArgumentError("a requested position lies in a row's cached prefix")
         return local
 
 
@@ -49,7 +50,7 @@ def split_rows(lm, rows: Sequence[Sequence[int]], starts: Sequence[int]) -> Suff
     P = max(starts)
     S = max(len(r) - s for r, s in zip(rows, starts))
     if min(len(r) - s for r, s in zip(rows, starts)) < 1:
-        raise ValueError("every row needs at least one token at or after its start")
+        raise InvalidArgumentError("every row needs at least one token at or after its start")
     pre_ids = torch.full((B, P), pad_id, dtype=torch.long)
     pre_mask = torch.zeros((B, P), dtype=torch.long)
     ids = torch.full((B, S), pad_id, dtype=torch.long)

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locate import resolve_model
-from locate.errors import EditFailedError, InvalidHparamsError
+from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 
 from ._prefix import split_rows, suffix_hidden
 from .context import capture_at, subject_last_token
@@ -81,7 +81,7 @@ def _site_hook(lm, site: str, layer: int) -> str:
         return lm.hook_mlp_out(layer)
     if site == "resid":
         return lm.hook_resid(layer)
-    raise ValueError(f"site must be 'mlp_out' or 'resid', got {site!r}")
+    raise InvalidArgumentError(f"site must be 'mlp_out' or 'resid', got {site!r}")
 
 
 def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: str = "mlp_out",
@@ -96,9 +96,9 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
     hook_name = _site_hook(lm, site, layer)
     requests = list(requests)
     if not requests:
-        raise ValueError("no requests")
+        raise InvalidArgumentError("no requests")
     if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError("every context template must contain exactly one '{}'")
+        raise InvalidArgumentError("every context template must contain exactly one '{}'")
     if hp.kl_position not in ("subject_last", "prompt_last"):
         raise InvalidHparamsError(f"kl_position must be 'subject_last' or 'prompt_last', got {hp.kl_position!r}")
     B, T = len(requests), len(templates)

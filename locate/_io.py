@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import DataFileNotFoundError
+
 
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 1) -> Path:
     """Write ``obj`` as JSON (numpy scalars as floats), creating parent folders; returns the path."""
@@ -20,7 +22,7 @@ def read_json(path: str | Path, what: str) -> Any:
     """Parse the JSON file at ``path``; a missing file raises ``FileNotFoundError`` naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} file at {path}")
+        raise DataFileNotFoundError(f"no {what} file at {path}")
     return json.loads(path.read_text())
 
 

@@ -70,7 +70,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import data_dir_candidates, read_json, write_json
-from .errors import LocateEditError, LocateEditWarning, SubjectNotFoundError, TokenNotInVocabularyError
+from .errors import DataFileNotFoundError, LocateEditError, LocateEditWarning, SubjectNotFoundError, TokenNotInVocabularyError
 from ._fast_restore import fast_scores
 from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
 from .loading import cache_dir, derived_cache_key, read_cached, write_cached
@@ -590,7 +590,7 @@ def load_facts(facts) -> list[dict]:
     if isinstance(facts, (str, Path)):
         path = Path(facts)
         if not path.is_file():
-            raise FileNotFoundError(f"facts file not found: {path}")
+            raise DataFileNotFoundError(f"facts file not found: {path}")
         facts = json.loads(path.read_text())
     facts = list(facts)
     for f in facts:

@@ -102,6 +102,10 @@ class EmptyPromptError(LocateEditError, ValueError):
     position to predict from."""
 
 
+class DataFileNotFoundError(LocateEditError, FileNotFoundError):
+    """A data or results file the call names does not exist."""
+
+
 class InvalidArgumentError(LocateEditError, ValueError, TypeError):
     """An argument of the wrong type or value where no more specific class applies (a token count that
     is not a positive int, something that is not a model, a template without its "{}")."""

@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from .errors import InvalidArgumentError
+
 
 class StopForward(Exception):
     """Raised from a hook once everything needed has been captured; the rest of the pass is skipped."""
@@ -41,7 +43,7 @@ def capture(lm, sites: Sequence[str] | str, *, keep: Callable[[str, torch.Tensor
     """
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
-        raise ValueError("capture needs at least one hook point")
+        raise InvalidArgumentError("capture needs at least one hook point")
     got: dict[str, Any] = {}
     seen: set[str] = set()
 

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import read_json, write_json
-from .errors import EmptyTargetError, InvalidHparamsError, LocateEditError
+from .errors import EmptyTargetError, InvalidArgumentError, InvalidHparamsError, LocateEditError
 from .hooks import as_cache, capture, prefix_cache
 from .model import resolve_model
 
@@ -98,7 +98,7 @@ def _answer_steps(lm, prompt: str, target: str, tokens: str) -> list[tuple[list[
     """(input ids, answer id) for each answer token to attribute: the first only ("first", as the
     paper does), or each token after the prompt plus the answer's earlier tokens ("mean")."""
     if tokens not in ("first", "mean"):
-        raise ValueError(f"tokens must be 'first' or 'mean', got {tokens!r}")
+        raise InvalidArgumentError(f"tokens must be 'first' or 'mean', got {tokens!r}")
     ids, ans = lm.encode(prompt), lm.target_ids(target, prompt)
     n = 1 if tokens == "first" else len(ans)
     return [(ids + ans[:j], ans[j]) for j in range(n)]
@@ -446,7 +446,7 @@ def _by_layer(neuron_set) -> dict[int, list[int]]:
 def _scaled(neuron_set, factor: float, model=None, positions: str = "last"):
     lm = resolve_model(model)
     if positions not in ("last", "all"):
-        raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
+        raise InvalidArgumentError(f"positions must be 'last' or 'all', got {positions!r}")
     groups = _by_layer(neuron_set)
     for l in groups:
         lm.check_layer(l)
@@ -560,7 +560,7 @@ def verify_neurons(kn: KnowledgeNeurons | Iterable[Neuron], prompts: Sequence[st
     if not neuron_set:
         raise NoNeuronsError("no neurons to verify (refinement kept none: lower threshold or share)")
     if prompts is None or target is None:
-        raise ValueError("give prompts and target, or a KnowledgeNeurons")
+        raise InvalidArgumentError("give prompts and target, or a KnowledgeNeurons")
     prompts = _as_prompts(prompts)
     for p in prompts:
         lm.target_ids(target, p)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InvalidArgumentError
 from .model import HookedLM
 
 ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "gptj", "qwen2")
@@ -35,7 +36,7 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 64
         return tf.Qwen2Config(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
                               num_key_value_heads=n_heads // 2, intermediate_size=3 * d_model,
                               max_position_embeddings=256, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
+    raise InvalidArgumentError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
 def tiny_model(arch: str, tokenizer, *, n_layers: int = 2, d_model: int = 64, seed: int = 0,

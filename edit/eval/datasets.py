@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from locate._io import data_dir_candidates
-from locate.errors import LocateEditError
+from locate.errors import InvalidArgumentError, LocateEditError
 
 from ..request import Request
 
@@ -193,7 +193,7 @@ def load_zsre(path: str | Path, n: int | None = None, *, target_field: str = "al
     is the generality probe; ``loc`` with ``loc_ans`` the locality probe (scored as agreement with the
     unedited model); ``portability`` the one-hop question."""
     if target_field not in ("alt", "answers"):
-        raise ValueError(f"target_field must be 'alt' or 'answers', got {target_field!r}")
+        raise InvalidArgumentError(f"target_field must be 'alt' or 'answers', got {target_field!r}")
     path = Path(path)
     data = _first(_read(path, "zsRE"), n)
     cases = []

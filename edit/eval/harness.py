@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from locate._io import read_json, write_json
 from locate import resolve_model
-from locate.errors import LocateEditError
+from locate.errors import InvalidArgumentError, LocateEditError
 
 from ..edit import Edit
 from ..registry import EditMethod, Runtime, get_method, write
@@ -294,10 +294,10 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     :func:`edit.eval.metrics.score_mquake` (multi-hop, edit-wise and instance-wise accuracy from greedy
     answers); ``mquake`` holds its options (``few_shot``, ``match``, ``max_new_tokens``, ``relation_prompts``)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     cases = list(cases)
     if not cases:
-        raise ValueError("no cases to evaluate")
+        raise InvalidArgumentError("no cases to evaluate")
     m = None if method == NONE else get_method(method)  # an unknown name fails here, before any work
     lm = resolve_model(model)
     for c in cases:
@@ -318,7 +318,7 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         checkpoints = sorted(set(checkpoints or [k for k in (1, 10, 50, 100, 200, 500, 1000, 2000) if k < len(cases)]
                                  + [len(cases)]))
         if checkpoints[0] < 1 or checkpoints[-1] > len(cases):
-            raise ValueError(f"checkpoints must lie in 1..{len(cases)}, got {checkpoints}")
+            raise InvalidArgumentError(f"checkpoints must lie in 1..{len(cases)}, got {checkpoints}")
         settings["checkpoints"] = checkpoints
         if perplexity_corpus is not None:
             settings["perplexity"] = {"corpus": str(perplexity_corpus), "tokens": perplexity_tokens}

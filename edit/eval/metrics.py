@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from locate.errors import LocateEditError
+from locate.errors import InvalidArgumentError, LocateEditError
 
 from ..context import normalize_generation
 
@@ -84,7 +84,7 @@ def teacher_forced(lm, prompts: Sequence[str], targets: Sequence[str], *, batch_
     (:meth:`locate.HookedLM.target_ids`), so the leading space is tokenized as in running text.
     """
     if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        raise InvalidArgumentError(f"{len(prompts)} prompts but {len(targets)} targets")
     rows = []
     for p, t in zip(prompts, targets):
         pid = lm.encode(p)
@@ -111,7 +111,7 @@ def prob(tf: TeacherForced, normalize: str = "sum") -> float:
         return math.exp(tf.logprob)
     if normalize == "mean":
         return math.exp(tf.mean_logprob)
-    raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+    raise InvalidArgumentError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
 
 
 # --------------------------------------------------------------------------- fluency

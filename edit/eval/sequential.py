@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from locate import resolve_model
+from locate.errors import InvalidArgumentError
 
 from ..edit import Edit
 from ..registry import Runtime, check_requests, get_method, write
@@ -89,12 +90,12 @@ def _checkpoint_counts(checkpoints, n: int, batch_size: int) -> list[int]:
         return list(range(batch_size, n, batch_size)) + [n]
     if isinstance(checkpoints, int):  # every ``checkpoints`` batches
         if checkpoints < 1:
-            raise ValueError("checkpoints (every how many batches) must be at least 1")
+            raise InvalidArgumentError("checkpoints (every how many batches) must be at least 1")
         step = checkpoints * batch_size
         return sorted(set(list(range(step, n, step)) + [n]))
     counts = sorted(set(int(c) for c in checkpoints))
     if counts and (counts[0] < 1 or counts[-1] > n):
-        raise ValueError(f"checkpoints are numbers of edits in 1..{n}, got {counts}")
+        raise InvalidArgumentError(f"checkpoints are numbers of edits in 1..{n}, got {counts}")
     return sorted({min(n, -(-c // batch_size) * batch_size) for c in counts})
 
 
@@ -127,7 +128,7 @@ def sequential(requests: Sequence[Request], method: str = "rome", batch_size: in
         if not requests:
             raise InvalidRequestError("no requests given")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
         batches = [requests[i: i + batch_size] for i in range(0, len(requests), batch_size)]
     else:
         batches = [list(b) for b in batches]

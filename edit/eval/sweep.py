@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from locate._io import read_json, write_json
 from locate import layer_profile, resolve_model, trace
 from locate.causal_trace import _is_known, noise_level
-from locate.errors import LocateEditError
+from locate.errors import InvalidArgumentError, LocateEditError
 
 from ..registry import get_method
 from .harness import evaluate
@@ -314,7 +314,7 @@ def case_bootstrap(layers: Sequence[int], records_by_layer: Sequence[Sequence[di
     Case level: each draw picks as many of the analysed cases, with all their (case, layer) pairs,
     and refits regressions (1)-(3)."""
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise InvalidArgumentError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
     case_ids = [str(c) for c in case_ids]
     n = len(case_ids)
@@ -415,9 +415,9 @@ def layer_sweep(cases: Sequence[Case], *, method: str = "rome", layers: Sequence
     lm = resolve_model(model)
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(l) for l in layers]
     if isinstance(aie, str) and aie not in ("cases", "calibration"):
-        raise ValueError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
+        raise InvalidArgumentError(f"aie must be 'cases', 'calibration', None, an array or a LayerProfile, got {aie!r}")
     if bootstrap < 0 or not 0 < level < 1:
-        raise ValueError(f"bootstrap must be >= 0 draws and level in (0, 1), got {bootstrap} and {level}")
+        raise InvalidArgumentError(f"bootstrap must be >= 0 draws and level in (0, 1), got {bootstrap} and {level}")
     tracing = None
     if isinstance(aie, str) and aie == "cases":  # before editing: the unedited model is traced
         tracing = trace_cases(cases, lm, samples=trace_samples, window=trace_window,

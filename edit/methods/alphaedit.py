@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from locate import resolve_layers
-from locate.errors import SingularStatisticsError
+from locate.errors import InvalidHparamsError, SingularStatisticsError
 
 from ..edit import Edit
 from ..registry import Runtime, register
@@ -63,7 +63,7 @@ class AlphaEditHparams(WindowHparams):
     def __post_init__(self):
         super().__post_init__()
         if self.nullspace_threshold <= 0 or self.L2 < 0:
-            raise ValueError("nullspace_threshold must be positive and L2 non-negative")
+            raise InvalidHparamsError("nullspace_threshold must be positive and L2 non-negative")
 
 
 def null_space_projection(C: torch.Tensor, threshold: float, relative: bool = False) -> torch.Tensor:

@@ -85,7 +85,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from locate import resolve_layer
-from locate.errors import EditFailedError
+from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 from locate.hooks import capture
 
 from ..edit import Edit, HookModule
@@ -109,13 +109,13 @@ class GRACEHparams:
 
     def __post_init__(self):
         if self.eps_expand not in ("coverage", "moving_average"):
-            raise ValueError(f"eps_expand must be 'coverage' or 'moving_average', got {self.eps_expand!r}")
+            raise InvalidHparamsError(f"eps_expand must be 'coverage' or 'moving_average', got {self.eps_expand!r}")
         if self.val_init not in ("cold", "warm"):
-            raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
+            raise InvalidHparamsError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
         if not self.eps >= 0:
-            raise ValueError(f"eps must be a non-negative number, got {self.eps!r}")
+            raise InvalidHparamsError(f"eps must be a non-negative number, got {self.eps!r}")
         if self.n_iter < 0:
-            raise ValueError(f"n_iter must be non-negative, got {self.n_iter}")
+            raise InvalidHparamsError(f"n_iter must be non-negative, got {self.n_iter}")
 
 
 # ====================================================================== the codebook
@@ -136,7 +136,7 @@ class GraceCodebook(HookModule):
         super().__init__()
         n = len(labels)
         if keys.ndim != 2 or values.ndim != 2 or radii.ndim != 1 or not (keys.shape[0] == values.shape[0] == radii.shape[0] == n):
-            raise ValueError(f"a GRACE codebook needs keys (N, d_mlp), values (N, d_model), radii (N,) and N labels; "
+            raise InvalidArgumentError(f"a GRACE codebook needs keys (N, d_mlp), values (N, d_model), radii (N,) and N labels; "
                              f"got {tuple(keys.shape)}, {tuple(values.shape)}, {tuple(radii.shape)}, {n}")
         self.layer = int(layer)
         self.key_hook, self.out_hook = key_hook, out_hook
@@ -393,7 +393,7 @@ def grace_without(e: Edit, index: int) -> Edit:
     conflicts with the removed entry stay as they were."""
     books = [m for m in e.hook_modules if isinstance(m, GraceCodebook)]
     if e.method != "grace" or len(books) != 1:
-        raise ValueError(f"grace_without takes a GRACE edit with one codebook, got {e!r}")
+        raise InvalidArgumentError(f"grace_without takes a GRACE edit with one codebook, got {e!r}")
     (book,) = books
     if isinstance(index, bool) or not 0 <= int(index) < len(book):
         raise IndexError(f"entry {index!r} is out of range: the codebook has {len(book)} entries")

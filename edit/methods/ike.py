@@ -70,7 +70,7 @@ from pathlib import Path
 
 import torch
 
-from locate.errors import EditFailedError
+from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 
 from ..edit import Edit, PrefixText
 from ..eval.datasets import DatasetNotFoundError, find_data_dir, load_counterfact_easyedit
@@ -98,14 +98,14 @@ class IKEHparams:
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
-            raise ValueError(f"k must be a non-negative int, got {self.k!r}")
+            raise InvalidHparamsError(f"k must be a non-negative int, got {self.k!r}")
         if self.order not in ("paper", "easyedit"):
-            raise ValueError(f"order must be 'paper' or 'easyedit', got {self.order!r}")
+            raise InvalidHparamsError(f"order must be 'paper' or 'easyedit', got {self.order!r}")
         self.proportions = tuple(self.proportions)
         if len(self.proportions) != 3 or any(p < 0 for p in self.proportions) or sum(self.proportions) <= 0:
-            raise ValueError(f"proportions are three non-negative weights (copy, update, retain), got {self.proportions!r}")
+            raise InvalidHparamsError(f"proportions are three non-negative weights (copy, update, retain), got {self.proportions!r}")
         if self.max_pool is not None and (isinstance(self.max_pool, bool) or self.max_pool < 1):
-            raise ValueError(f"max_pool must be None or a positive int, got {self.max_pool!r}")
+            raise InvalidHparamsError(f"max_pool must be None or a positive int, got {self.max_pool!r}")
         self.holdout = tuple(self.holdout)
 
 
@@ -128,7 +128,7 @@ def demonstration(kind: str, case) -> str:
         return f"{head}{case.paraphrase_prompts[0]}{_space(r.target_new)}\n\n"
     if kind == "retain":
         return f"{head}{case.locality[0].prompt}{_space(case.locality[0].answer)}\n\n"
-    raise ValueError(f"unknown demonstration type {kind!r}")
+    raise InvalidArgumentError(f"unknown demonstration type {kind!r}")
 
 
 def demo_types(k: int, proportions, rng: random.Random) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import torch
 
 from locate import neurons, resolve_model
+from locate.errors import InvalidArgumentError
 from locate.neurons import KnowledgeNeurons, NoNeuronsError, TooFewPromptsError, _by_layer
 
 from ..edit import Edit, WeightDelta
@@ -77,7 +78,7 @@ def kn_update(kn: KnowledgeNeurons, target_new: str, *, target_old: str | None =
     prompt = kn.prompts[0] if isinstance(kn, KnowledgeNeurons) and kn.prompts else None
     target_old = target_old if target_old is not None else getattr(kn, "target", None)
     if target_old is None:
-        raise ValueError("target_old is needed when kn is a plain neuron list")
+        raise InvalidArgumentError("target_old is needed when kn is a plain neuron list")
     t0 = time.perf_counter()
     e_old = _output_embedding(lm, target_old, prompt)
     e_new = _output_embedding(lm, target_new, prompt)

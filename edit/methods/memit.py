@@ -100,7 +100,7 @@ class WindowHparams:
 
     def __post_init__(self):
         if self.chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
+            raise InvalidHparamsError("chunk_size must be at least 1")
         if self.key_average not in ("grouped", "uniform"):
             raise InvalidHparamsError(f"key_average must be 'grouped' or 'uniform', got {self.key_average!r}")
         self.template_lengths = tuple(tuple(x) for x in self.template_lengths)
@@ -120,7 +120,7 @@ class MEMITHparams(WindowHparams):
     def __post_init__(self):
         super().__post_init__()
         if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
-            raise ValueError(f"mom2_update_weight must be non-negative, got {self.mom2_update_weight}")
+            raise InvalidHparamsError(f"mom2_update_weight must be non-negative, got {self.mom2_update_weight}")
 
     def lam(self, d_mlp: int) -> float:
         if self.mom2_update_weight is not None:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from locate import resolve_layer
-from locate.errors import EditFailedError
+from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 from locate.hooks import capture_at
 
 from ..context import ROME_TEMPLATE_LENGTHS, subject_keys, subject_last_token, templates_for
@@ -66,7 +66,7 @@ class ROMEHparams:
 
     def __post_init__(self):
         if self.key not in ("averaged", "original"):
-            raise ValueError(f"key must be 'averaged' or 'original', got {self.key!r}")
+            raise InvalidHparamsError(f"key must be 'averaged' or 'original', got {self.key!r}")
         self.template_lengths = tuple(tuple(x) for x in self.template_lengths)
 
     def vstar(self) -> VStarHparams:
@@ -165,7 +165,7 @@ def rome(request: Request, *, model=None, layer: Any = "auto", stats=None, corpu
     (or ``{layer: KeyStats}``) for the edited layer; ``None`` computes (or reads from the cache) the key
     statistics over ``corpus``. Keyword ``overrides`` set :class:`ROMEHparams` fields."""
     if not isinstance(request, Request):
-        raise TypeError("rome edits one Request; use edit.memit (or edit.write) for many")
+        raise InvalidArgumentError("rome edits one Request; use edit.memit (or edit.write) for many")
     if stats is not None and not isinstance(stats, dict):
         stats = {stats.layer: stats}
     return compute("rome", [request], model=model, hparams=hparams, runtime=Runtime(corpus=corpus, stats=stats, progress=progress),
