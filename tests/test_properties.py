@@ -162,19 +162,27 @@ def quietly(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def attempt(lm, fn, *args, **kwargs):
+    """``(result, state)``: ``fn``'s result, or None when it raised a :class:`LocateEditError` (recorded
+    as a hypothesis event), and the weights' snapshot from before the call, which the weights must
+    still equal either way. Any other exception fails the test."""
+    state = snapshot(lm)
+    try:
+        out = quietly(fn, *args, **kwargs)
+    except LocateEditError as err:
+        event(f"refused: {type(err).__name__}")
+        out = None
+    assert unchanged(lm, state)
+    return out, state
+
+
 # ---------------------------------------------------------------------- locate.trace
 @budget(3)
 @given(ps=prompt_and_subject(), kw=arguments(TRACE_ARGS))
 def test_trace_returns_finite_scores_or_a_toolkit_error(lm, ps, kw):
     prompt, subject = ps
     tokens = kw["tokens"]
-    state = snapshot(lm)
-    try:
-        tr = quietly(locate.trace, prompt, subject, model=lm, **kw)
-    except LocateEditError as e:
-        event(f"refused: {type(e).__name__}")
-        tr = None
-    assert unchanged(lm, state)
+    tr, _ = attempt(lm, locate.trace, prompt, subject, model=lm, **kw)
     if tr is None:
         return
     event("traced")
@@ -215,14 +223,9 @@ def test_editing_methods_return_finite_edits_or_a_toolkit_error(lm, env, data_di
     if m.layers is not None:
         hp["layers"] = kw["layers"]
     rt = edit.Runtime(data_dir=data_dir, seed=seed)
-    state = snapshot(lm)
-    try:
-        r = Request(kw["prompt"], kw["subject"], kw["target_new"], kw["target_true"])
-        e = quietly(edit.compute, m, [r], model=lm, hparams=hp, runtime=rt)
-    except LocateEditError as err:
-        event(f"refused: {type(err).__name__}")
-        e = None
-    assert unchanged(lm, state) and not lm.applied_edits
+    e, state = attempt(lm, lambda: edit.compute(m, [Request(kw["prompt"], kw["subject"], kw["target_new"],
+                                                            kw["target_true"])], model=lm, hparams=hp, runtime=rt))
+    assert not lm.applied_edits
     if e is None:
         return
     event("computed")
@@ -230,7 +233,7 @@ def test_editing_methods_return_finite_edits_or_a_toolkit_error(lm, env, data_di
     assert all(finite(t) for t in e._tensors().values())
     e.apply(lm)
     try:
-        assert finite(lm.last_logits([r.rendered]))
+        assert finite(lm.last_logits([e.requests[0].rendered]))
     finally:
         e.revert(lm)
     assert unchanged(lm, state)
@@ -290,13 +293,7 @@ def test_damaged_edit_files_are_refused_or_load_the_same_edit(lm, env, saved_edi
         data = mutate(data, h)
     path = env / "damaged.safetensors"
     path.write_bytes(data)
-    state = snapshot(lm)
-    try:
-        e = Edit.load(path, lm)
-    except LocateEditError as err:
-        event(f"refused: {type(err).__name__}")
-        e = None
-    assert unchanged(lm, state)
+    e, state = attempt(lm, Edit.load, path, lm)
     if e is None:
         return
     event("loaded")
@@ -351,15 +348,9 @@ STATS_ARGS = {
 @given(kw=arguments(STATS_ARGS), data=st.data())
 def test_key_second_moments_are_finite_or_a_toolkit_error(lm, env, kw, data):
     corpus = data.draw(corpora(env), label="corpus")
-    state = snapshot(lm)
     kw = dict(kw)
     layers = kw.pop("layers")
-    try:
-        stats = quietly(edit.key_second_moments, lm, layers, corpus=corpus, progress=False, **kw)
-    except LocateEditError as err:
-        event(f"refused: {type(err).__name__}")
-        stats = None
-    assert unchanged(lm, state)
+    stats, state = attempt(lm, edit.key_second_moments, lm, layers, corpus=corpus, progress=False, **kw)
     if stats is None:
         return
     event("computed")
