@@ -212,7 +212,11 @@ EDIT_ARGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(edit.methods()))
+# the toolkit's own methods (edit/methods/*.py), not stubs other test modules register for their own use
+SHIPPED_METHODS = sorted(n for n in edit.methods() if edit.get_method(n).compute_fn.__module__.startswith("edit.methods."))
+
+
+@pytest.mark.parametrize("name", SHIPPED_METHODS)
 @budget(1)
 @given(kw=arguments(EDIT_ARGS), seed=st.integers(0, 3))
 def test_editing_methods_return_finite_edits_or_a_toolkit_error(lm, env, data_dir, name, kw, seed):
