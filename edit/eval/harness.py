@@ -304,7 +304,10 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         for r in c.requests:
             r.check(lm)
     hp, layers_reason = (None, None) if m is None else m.pin(lm, m.make_hparams(hparams))
-    rt = Runtime(corpus=corpus, stats=stats, progress=False, seed=seed, data_dir=data_dir)
+    # single and batch mode score every case right after its edit (ES, Rel.), so compute's own efficacy
+    # check would run the same prompts again; sequential mode keeps it, as it scores only at checkpoints
+    rt = Runtime(corpus=corpus, stats=stats, progress=False, seed=seed, data_dir=data_dir,
+                 check_efficacy=mode == "sequential")
     settings = {"method": method, "mode": mode, "hparams": _describe_hparams(dataclasses.asdict(hp) if hp else {}),
                 "fingerprint": lm.state_fingerprint, "cases": [str(c.case_id) for c in cases], "fluency": fluency,
                 "gen_length": gen_length, "normalize": normalize, "seed": seed,
