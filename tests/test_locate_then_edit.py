@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import edit
+from edit.context import templates_for
+from edit.methods.emmet import EMMETHparams, emmet_update
+from edit.methods.memit import layer_update, memit_targets, subject_residuals
 from locate.testing import tiny_model
 
 REQS = [edit.Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
@@ -47,3 +50,49 @@ def test_r_rome_writes_v_star_at_the_averaged_key(setup):
         err_rome = float((_value(lm, 0, r.k_star) - r.v_star.double()).norm())
         err_rome_bare = float((_value(lm, 0, r.k_lambda) - r.v_star.double()).norm())
     assert err_rome_bare < 1e-4 * moved and err_rome > 1e-2 * moved
+
+
+# ---------------------------------------------------------------------------------------------- EMMET
+def test_emmet_solve_is_the_papers_closed_form():
+    """Δ = R (Kᵀ C⁻¹ K + εI)⁻¹ Kᵀ C⁻¹ with C = λC₀ + μI (paper's column layout, explicit inverses), and with
+    ε = 0 every constraint Δ k_i = r_i holds; MEMIT's least-squares solve on the same inputs misses them."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    C0 = A.T @ A / 400
+    K, R = torch.randn(5, 24, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    lam, mu, eps = 3.0, 0.2, 0.1
+    delta = torch.matmul(*emmet_update(K, R, C0, lam, mu, eps))
+    Ci = torch.linalg.inv(lam * C0 + mu * torch.eye(24, dtype=torch.float64))
+    Kc, Rc = K.T, R.T  # columns, as in the paper
+    paper = Rc @ torch.linalg.inv(Kc.T @ Ci @ Kc + eps * torch.eye(5, dtype=torch.float64)) @ Kc.T @ Ci
+    assert torch.allclose(delta, paper, atol=1e-10, rtol=1e-8)
+    exact = torch.matmul(*emmet_update(K, R, C0, lam))
+    assert torch.allclose(exact @ K.T, R.T, atol=1e-9)
+    memit_delta = torch.matmul(*layer_update(K, R, C0, lam))
+    assert float((memit_delta @ K.T - R.T).norm()) > 1e-2 * float(R.norm())
+
+
+def _z_and_residuals(lm, rt, hp: dict, layer: int):
+    """z (MEMIT eq. 16, as EMMET optimises it) and the current block output h at the subject's last token."""
+    h = EMMETHparams(**{k: v for k, v in hp.items() if k != "layers"})
+    z, _, _ = memit_targets(lm, REQS, layer, templates_for(lm, rt, h.template_lengths), h, rt)
+    return z, subject_residuals(lm, REQS, layer)
+
+
+@pytest.mark.parametrize("emmet_lambda, tol", [(0.0, 1e-4), (0.1, 1e-2)])
+def test_emmet_satisfies_its_equality_constraints(setup, emmet_lambda, tol):
+    """EMMET: with the bare prompt as the only template (so the key the update writes is the key the
+    prompt produces), every request of the batch reaches its target z_i exactly once the edit is
+    applied: W′k_i = W k_i + r_i. MEMIT's least-squares update on the same batch falls short."""
+    lm, rt = setup
+    hp = {"v_steps": 5, "template_lengths": (), "stats_tokens": 2048, "layers": [0]}
+    z, h = _z_and_residuals(lm, rt, hp, 0)
+    e = edit.compute("emmet", REQS, model=lm, hparams={**hp, "emmet_lambda": emmet_lambda}, runtime=rt)
+    with edit.applied(lm, e):
+        h_emmet = subject_residuals(lm, REQS, 0)
+    gap = (z - h).norm(dim=1)
+    assert ((h_emmet - z).norm(dim=1) < tol * gap).all()
+    m = edit.compute("memit", REQS, model=lm, hparams=hp, runtime=rt)
+    with edit.applied(lm, m):
+        h_memit = subject_residuals(lm, REQS, 0)
+    assert ((h_memit - z).norm(dim=1) > 0.05 * gap).all()
