@@ -1,0 +1,160 @@
+"""Editors that add parameters and keep the weights (issue 20): LoRA, T-Patcher and MELO on the tiny
+random models, each with its defining property:
+
+* LoRA: the adapters change the outputs only through their hooks (s·B A x at the MLP output, s = α/r),
+  the weights never change, and reverting is bit-exact; the merged form is the same change;
+* T-Patcher: each edit adds one neuron to the last MLP; it stays inactive (activation exactly 0, logits
+  bit-identical) on the out-of-scope prompts of the test, and the edit takes in scope;
+* MELO: a routed LoRA block; where routing says "not an edit" the outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import edit
+from edit import Edit, Request
+from edit.methods.lora import LoRAAdapter, LoRAHparams, init_factors, lora
+from locate.errors import InvalidHparamsError
+
+EIFFEL = Request("{} is located in the city of", "The Eiffel Tower", " Rome")
+EINSTEIN = Request("{} worked in the field of", "Albert Einstein", " cooking")
+UNRELATED = ["The capital city in Japan is", "My favourite food is", "Water boils at a high",
+             "The Eiffel Tower was built in"]
+
+
+def _state(lm):
+    return {k: v.detach().clone() for k, v in lm.hf_model.state_dict().items()}
+
+
+def _same_state(lm, before) -> bool:
+    now = lm.hf_model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+@torch.no_grad()
+def _logits(lm, prompts):
+    return lm.forward(lm.encode_batch(prompts))
+
+
+def _first(lm, r: Request) -> int:
+    return lm.target_ids(r.target_new, r.rendered)[0]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    from locate.testing import tiny_model
+
+    return tiny_model("gpt2", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    from locate.testing import tiny_model
+
+    return tiny_model("llama", tokenizer)
+
+
+# ============================================================================================== LoRA
+def test_lora_changes_outputs_only_through_its_hooks_and_reverts_exactly(tiny):
+    lm = tiny
+    before, base = _state(lm), _logits(lm, UNRELATED + [EIFFEL.rendered])
+    e = lora(EIFFEL, model=lm, layer=0, steps=20)
+    assert _same_state(lm, before) and not e.is_applied and e.kinds == ["hook"] and e.layers == [0]
+    (a,) = e.hook_modules
+    assert isinstance(a, LoRAAdapter) and a.A.shape == (8, lm.d_mlp) and a.B.shape == (lm.d_model, 8)
+    assert a.scale == 4.0  # EasyEdit's α / r = 32 / 8
+    assert e.metrics["efficacy"] == 1.0 and e.loss_trace[-1] < e.loss_trace[0]
+
+    # the same change made by hand: a hook adding 4·B A x at layer 0's MLP output, x the MLP key
+    keys = {}
+
+    def read(x, hook):
+        keys["x"] = x
+        return x
+
+    def add(y, hook):
+        return y + ((keys["x"].to(a.A.dtype) @ a.A.T.to(y.device)) @ a.B.T.to(y.device) * 4.0).to(y.dtype)
+
+    with torch.no_grad(), lm.hooks([(lm.hook_mlp_key(0), read), (lm.hook_mlp_out(0), add)]):
+        by_hand = _logits(lm, UNRELATED + [EIFFEL.rendered])
+    with edit.applied(lm, e):
+        assert _same_state(lm, before)  # LoRA adds hooks, never changes a weight
+        edited = _logits(lm, UNRELATED + [EIFFEL.rendered])
+        assert torch.equal(edited, by_hand)
+        assert int(lm.last_logits([EIFFEL.rendered])[0].argmax()) == _first(lm, EIFFEL)
+    assert not torch.equal(edited, base)
+    assert _same_state(lm, before) and torch.equal(_logits(lm, UNRELATED + [EIFFEL.rendered]), base)
+
+
+def test_lora_initialisation_and_defaults_are_easyedits():
+    hp = LoRAHparams()
+    assert (hp.rank, hp.lora_alpha, hp.lr, hp.steps, hp.lora_dropout, hp.batch_size) == (8, 32.0, 5e-3, 70, 0.1, 1)
+    g = torch.Generator().manual_seed(0)
+    A, B = init_factors(256, 64, 8, 256, g, torch.float32)
+    bound = 1 / math.sqrt(256)  # Kaiming uniform with a = √5 (PEFT), not AdaLoRA's N(0, 0.02)
+    assert A.abs().max() <= bound and A.abs().max() > 0.95 * bound and A.std() > 0.5 * bound
+    assert torch.equal(B, torch.zeros(64, 8))  # the edit starts as the identity
+
+
+def test_lora_zero_steps_is_the_identity_and_dropout_is_seeded(gpt2):
+    lm = gpt2
+    base = _logits(lm, UNRELATED)
+    with pytest.raises(InvalidHparamsError):
+        lora(EIFFEL, model=lm, layer=0, steps=0)
+    e = lora(EIFFEL, model=lm, layer=0, steps=1, lr=1e-30, runtime=edit.Runtime(check_efficacy=False))
+    with edit.applied(lm, e):  # B ≈ 0 after one vanishing step: the change is below round-off here
+        assert torch.allclose(_logits(lm, UNRELATED), base, atol=1e-5)
+    one = lora(EIFFEL, model=lm, layer=0, steps=3, runtime=edit.Runtime(seed=1, check_efficacy=False))
+    same = lora(EIFFEL, model=lm, layer=0, steps=3, runtime=edit.Runtime(seed=1, check_efficacy=False))
+    other = lora(EIFFEL, model=lm, layer=0, steps=3, runtime=edit.Runtime(seed=2, check_efficacy=False))
+    assert one.id == same.id and one.id != other.id
+    # no dropout in the finished edit: two forwards agree
+    with edit.applied(lm, one):
+        assert torch.equal(_logits(lm, UNRELATED), _logits(lm, UNRELATED))
+
+
+def test_lora_dropout_is_used_while_training(gpt2):
+    lm = gpt2
+    rt = edit.Runtime(check_efficacy=False)
+    with_drop = lora(EIFFEL, model=lm, layer=0, steps=3, runtime=rt)
+    without = lora(EIFFEL, model=lm, layer=0, steps=3, lora_dropout=0.0, runtime=rt)
+    (a,), (b,) = with_drop.hook_modules, without.hook_modules
+    assert not torch.equal(a.B, b.B)  # same start (same seed), different training paths
+
+
+def test_lora_merged_is_the_same_change_as_a_low_rank_delta(llama):
+    lm = llama
+    rt = edit.Runtime(check_efficacy=False)
+    hooked = lora(EIFFEL, model=lm, layer=[0, 1], steps=5, runtime=rt)
+    merged = lora(EIFFEL, model=lm, layer=[0, 1], steps=5, merge=True, runtime=rt)
+    assert merged.kinds == ["weight"] and [d.rank for d in merged.deltas] == [8, 8] and merged.layers == [0, 1]
+    for d, a in zip(merged.deltas, hooked.hook_modules):
+        assert torch.allclose(d.matrix(), a.scale * (a.B @ a.A).cpu(), atol=1e-7)
+    with edit.applied(lm, hooked):
+        h = _logits(lm, UNRELATED)
+    with edit.applied(lm, merged):
+        m = _logits(lm, UNRELATED)
+    assert torch.allclose(h, m, atol=1e-4)
+
+
+def test_lora_hparams_are_checked(gpt2):
+    for bad in ({"rank": 0}, {"lora_dropout": 1.0}, {"lr": -1.0}, {"merge": "yes"}, {"batch_size": 1.5}):
+        with pytest.raises(InvalidHparamsError):
+            lora(EIFFEL, model=gpt2, layer=0, **bad)
+    m = edit.get_method("lora")
+    assert m.batched and m.layers == 1 and m.smoke == {"steps": 5}
+
+
+def test_lora_save_load_round_trip(gpt2, tmp_path):
+    lm = gpt2
+    e = lora([EIFFEL, EINSTEIN], model=lm, layer=0, steps=5, batch_size=2, runtime=edit.Runtime(check_efficacy=False))
+    loaded = Edit.load(e.save(tmp_path / "lora.safetensors"), lm)
+    assert loaded.id == e.id
+    with edit.applied(lm, e):
+        a = _logits(lm, UNRELATED)
+    with edit.applied(lm, loaded):
+        assert torch.equal(_logits(lm, UNRELATED), a)
