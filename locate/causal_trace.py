@@ -48,6 +48,9 @@ match (the one decoded token is only its start) and such a fact is skipped. ``kn
 
 :func:`trace` uses the fast path (:mod:`locate._fast_restore`); ``method="loop"`` runs the plain
 per-(token, layer) loop below, one hooked forward per restoration, kept as the semantic reference.
+``method="attribution"`` does not restore anything: it estimates every score to first order from one
+clean run and one corrupted forward + backward (:mod:`locate.attribution`, where its failure modes
+are listed); it is a fast first pass, not the reference.
 The fast path's memory stays flat as the prompt grows (its batches share the corrupted run's
 key/value prefix); a prompt longer than ``PROGRESS_MIN_TOKENS`` tokens shows a progress bar unless
 ``progress=False``.
@@ -72,6 +75,7 @@ from tqdm.auto import tqdm
 from ._io import data_dir_candidates, read_json, write_json
 from .errors import DataFileNotFoundError, LocateEditError, LocateEditWarning, SubjectNotFoundError, TokenNotInVocabularyError
 from ._fast_restore import fast_scores
+from .attribution import ATTRIBUTION_METHODS, attribution_scores
 from ._tracing import clean_states, restored_layers, state_hook, window_layers  # noqa: F401  (re-exported)
 from .loading import cache_dir, derived_cache_key, read_cached, write_cached
 from .model import HookedLM, resolve_model
@@ -84,6 +88,7 @@ POOLINGS = ("rows", "facts")  # see average_indirect_effects; "rows" is the refe
 KNOWN_FACTS_FILE = Path("known_1000") / "known_1000.json"  # inside a data directory
 NOISE_FACTOR = 3.0  # the reference's "s3": nu = 3 x the embedding std
 DEFAULT_WINDOW = 10  # the reference's window (trace_important_window's default)
+TRACE_METHODS = ("fast", "loop") + ATTRIBUTION_METHODS  # exact (default), exact reference loop, estimates
 PROGRESS_MIN_TOKENS = 256  # trace shows a progress bar by default for prompts longer than this
 NOISE_CACHE_FORMAT = "locate-edit/noise-std/1"
 
@@ -441,15 +446,18 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     ``target``: an answer token (string of one token, or an id) instead of the clean top-1.
     ``noise``: ``"auto"`` (the reference's 3 x std of known_1000's subject embeddings, cached),
     ``"embedding_matrix"``, a facts JSON path, a list of subjects, a number or a :class:`NoiseLevel`.
-    ``method``: ``"fast"`` (default) or ``"loop"`` (the per-(token, layer) reference, same numbers).
+    ``method``: ``"fast"`` (default) or ``"loop"`` (the per-(token, layer) reference, same numbers), or
+    ``"attribution"``: a first-order estimate of every score from one corrupted forward + backward
+    (:mod:`locate.attribution`; much faster, approximate: read its docstring before trusting it).
     ``window``: layers restored together for mlp/attn (default: the reference's 10, or ``n_layers``
     when the model has fewer; at most ``n_layers``).
     ``batch_size``: rows per forward in the fast path (restorations x samples); long prompts use
-    fewer rows per forward, so memory does not grow with the prompt.
+    fewer rows per forward, so memory does not grow with the prompt. Attribution: noise samples per
+    forward + backward.
     ``tokens``: trace only these token rows (indices ``0..n_tokens-1`` or the names
     ``"first_subject"``, ``"last_subject"``, ``"first_subsequent"``, ``"last"``); the other rows of
     ``scores`` are NaN. A negative or out-of-range index or an unknown name raises
-    :class:`TraceError`. Fast path only.
+    :class:`TraceError`. Fast and attribution paths only.
     ``progress``: a progress bar; ``None`` (default) shows one for prompts longer than
     ``PROGRESS_MIN_TOKENS`` (256) tokens.
     """
@@ -461,10 +469,10 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     samples, seed = int(samples), int(seed)  # numpy integers would not survive the JSON round trip
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise TraceError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if method not in ("fast", "loop"):
-        raise TraceError(f"method must be 'fast' or 'loop', got {method!r}")
-    if tokens is not None and method != "fast":
-        raise TraceError("tokens= (a subset of rows) needs the fast path")
+    if method not in TRACE_METHODS:
+        raise TraceError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    if tokens is not None and method == "loop":
+        raise TraceError("tokens= (a subset of rows) needs the fast or the attribution path")
     if not isinstance(prompt, str) or not isinstance(subject, str):
         raise TraceError(f"prompt and subject must be strings, got {type(prompt).__name__} and "
                          f"{type(subject).__name__}")
@@ -496,6 +504,9 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
             tk = time.perf_counter()
             scores[kind] = loop_scores(lm, ids, span, eps, answer_id, kind, window, progress=progress)
             timing[kind] = time.perf_counter() - tk
+    elif method in ATTRIBUTION_METHODS:
+        p_corrupted, scores, timing = attribution_scores(lm, ids, span, eps, answer_id, kinds, window, tokens=rows,
+                                                         batch_size=batch_size)
     else:
         p_corrupted, scores, timing = fast_scores(lm, ids, span, eps, answer_id, kinds, window, tokens=rows,
                                                   batch_size=batch_size, progress=progress)
@@ -603,7 +614,7 @@ def load_facts(facts) -> list[dict]:
 def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, kinds: Sequence[str] = KINDS,
                samples: int = 10, noise="auto", uniform_noise: bool = False, window: int | None = None, seed: int = 0,
                results: str | Path | None = None, batch_size: int = 256, known_match: str = "answer",
-               pool: str = "rows", progress: bool = True) -> AIEResult:
+               pool: str = "rows", progress: bool = True, method: str = "fast") -> AIEResult:
     """Trace each known fact and average the indirect effects per token group (paper Figure 2).
 
     Facts the model does not know (``known_match``, see :func:`_is_known`; default: the decoded top-1
@@ -611,18 +622,23 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
     used for every fact. ``pool``: see :func:`average_indirect_effects`. With ``results=`` (a JSONL
     path) each trace is appended as it finishes and facts already there with the same settings are
     not traced again, so an interrupted run resumes; a record made with other settings (or before
-    they were recorded) is redone.
+    they were recorded) is redone. ``method``: as :func:`trace` (``"attribution"`` averages the
+    first-order estimates; its records are kept apart from exact ones, which keep their old settings).
     """
 
     lm = resolve_model(model)
     kinds, window = _check_args(kinds, samples, window, lm.n_layers)
     samples = int(samples)
+    if method not in TRACE_METHODS:
+        raise TraceError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     _check_known_match(known_match)
     _check_pool(pool)
     facts = load_facts(facts)[:n] if n is not None else load_facts(facts)
     nl = noise_level(lm, noise)
     settings = {"known_match": known_match, "noise_level": nl.nu, "uniform_noise": uniform_noise,
                 "samples": samples, "window": window, "seed": seed, "kinds": list(kinds)}
+    if method in ATTRIBUTION_METHODS:  # exact records (fast and loop agree) keep the settings they were saved with
+        settings["method"] = method
     done: dict[str, dict] = {}
     path = Path(results) if results is not None else None
     if path is not None and path.is_file():
@@ -651,7 +667,7 @@ def trace_many(facts, *, model: HookedLM | None = None, n: int | None = None, ki
             if known:
                 tr = trace(f["prompt"], f["subject"], model=lm, kinds=kinds, samples=samples, noise=nl,
                            uniform_noise=uniform_noise, window=window, seed=seed, batch_size=batch_size,
-                           progress=False)
+                           progress=False, method=method)
         except SubjectNotFoundError:
             known, tr = False, None
         if known:
