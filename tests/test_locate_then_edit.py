@@ -10,6 +10,9 @@ import edit
 from edit.context import templates_for
 from edit.methods.emmet import EMMETHparams, emmet_update
 from edit.methods.memit import layer_update, memit_targets, subject_residuals
+from edit.methods.rect import top_relative_mask
+from edit.request import InvalidRequestError
+from locate.errors import InvalidHparamsError
 from locate.testing import tiny_model
 
 REQS = [edit.Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
@@ -96,3 +99,49 @@ def test_emmet_satisfies_its_equality_constraints(setup, emmet_lambda, tol):
     with edit.applied(lm, m):
         h_memit = subject_residuals(lm, REQS, 0)
     assert ((h_memit - z).norm(dim=1) > 0.05 * gap).all()
+
+
+# ---------------------------------------------------------------------------------------------- RECT
+MEMIT_HP = {"v_steps": 5, "template_lengths": ((5, 1),), "stats_tokens": 2048, "layers": [0, 1]}
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.37])
+def test_rect_keeps_exactly_the_top_share_of_relative_changes(setup, keep):
+    """RECT: of each edited matrix's n entries exactly n − ⌊n(1 − k)⌋ are non-zero, those of MEMIT's
+    update with the largest |Δ|/|W|, unchanged; MEMIT's own update moves every entry."""
+    lm, rt = setup
+    m = edit.compute("memit", REQS[:2], model=lm, hparams=MEMIT_HP, runtime=rt)
+    r = edit.compute("rect", REQS[:2], model=lm, hparams={**MEMIT_HP, "keep_fraction": keep}, runtime=rt)
+    assert [d.param for d in r.deltas] == [d.param for d in m.deltas] and len(r.deltas) == 2
+    for full, sparse in zip(m.deltas, r.deltas):
+        D, S = full.matrix().double(), sparse.dense.double()
+        n = D.numel()
+        assert int((D != 0).sum()) == n  # MEMIT: dense
+        assert int((S != 0).sum()) == n - int(n * (1 - keep))
+        kept = S != 0
+        assert torch.allclose(S[kept], D[kept], rtol=1e-5, atol=0)
+        rho = D.abs() / lm.parameter(full.param).double().abs()
+        assert float(rho[kept].min()) >= float(rho[~kept].max())
+
+
+def test_rect_mask_ranks_zero_weights_first_and_breaks_ties_by_position():
+    W = torch.tensor([[1.0, 0.0, 2.0, 2.0, 0.0]])
+    D = torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0]])  # ρ = 0.1, inf, 0.1, 0.1, 0 (0/0)
+    assert top_relative_mask(D, W, 0.4).tolist() == [[True, True, False, False, False]]  # 5 − ⌊5·0.6⌋ = 2
+
+
+def test_rect_on_another_base_and_its_refusals(setup):
+    lm, rt = setup
+    r = edit.compute("rect", REQS[:1], model=lm, runtime=rt,
+                     hparams={"base": "r-rome", "layers": [0], "n_layers": 1, "base_hparams": ROME_HP})
+    (d,) = r.deltas
+    assert r.hparams["base_record"]["key"] == "averaged" and d.dense is not None
+    assert int((d.dense != 0).sum()) == d.dense.numel() - int(d.dense.numel() * 0.8)
+    state = [t.clone() for t in lm.hf_model.state_dict().values()]
+    for bad in ({"base": "prune"}, {"base": "rect"}, {"base": "ike"}, {"base": "nope"}, {"keep_fraction": 0.0},
+                {"base_hparams": [1]}):
+        with pytest.raises(InvalidHparamsError):
+            edit.compute("rect", REQS[:1], model=lm, hparams={**MEMIT_HP, **bad}, runtime=rt)
+    with pytest.raises(InvalidRequestError):
+        edit.compute("rect", REQS[:2], model=lm, runtime=rt, hparams={"base": "rome", "layers": [0], "n_layers": 1})
+    assert all(torch.equal(a, b) for a, b in zip(lm.hf_model.state_dict().values(), state))
