@@ -6,8 +6,13 @@
 For each method, batches of ``--batch-size`` CounterFact dev requests are written one after another
 (:func:`edit.eval.sequential.sequential`, through the registry: one edit per batch for a batched
 method, one per request otherwise). Before any edit and after every batch the script scores every case
-edited so far (single-case CounterFact metrics, no fluency) and the perplexity of the first
-``--ppl-tokens`` tokens of WikiText-2 test. Each batch's edits are saved under ``out/<method>/edits``
+edited so far (single-case CounterFact metrics, no fluency), the perplexity of the first
+``--ppl-tokens`` tokens of WikiText-2 test and the accuracy on the first ``--piqa`` PIQA validation
+questions (general ability), and the norm and condition number of the accumulated MLP update per layer.
+
+``--dataset counterfact`` (default) reads the 800 full-schema dev cases; ``counterfact-edit`` reads
+EasyEdit's simplified CounterFact edit split (9,693 cases: one paraphrase and one neighbourhood prompt
+each), which is what a run beyond 800 edits has to use here. Each batch's edits are saved under ``out/<method>/edits``
 and each checkpoint's numbers appended to ``out/<method>/curve.jsonl``, so an interrupted run resumes:
 stored edits are re-applied, stored checkpoints are not recomputed.
 """
@@ -25,7 +30,13 @@ import edit
 import locate
 from edit.eval.metrics import aggregate, perplexity, score_case
 from edit.stats import token_stream
+from edit.eval import load_piqa
+from edit.eval.metrics import choice_accuracy
 from locate_edit.cli.common import parse_method_hparams
+
+# name -> (loader, file under --data)
+DATASETS = {"counterfact": (edit.load_counterfact, "counterfact/counterfact_dev_800.json"),
+            "counterfact-edit": (edit.load_counterfact_easyedit, "counterfact/easyedit_format/counterfact-edit.json")}
 
 
 def main() -> None:
@@ -34,6 +45,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--ppl-tokens", type=int, default=20_000)
+    ap.add_argument("--piqa", type=int, default=200, help="PIQA validation questions per checkpoint (0: none)")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="counterfact")
     ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="results/sequential_cf")
@@ -50,8 +63,11 @@ def main() -> None:
         edit.get_method(m)
     hps = parse_method_hparams(args.hparam)
     lm = locate.default_model()
-    cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n)
-    cases = cases[: args.n]
+    loader, file = DATASETS[args.dataset]
+    cases = loader(data / file, args.n)
+    if len(cases) < args.n:
+        raise SystemExit(f"{file} has only {len(cases)} cases, fewer than --n {args.n}")
+    piqa = load_piqa(data / "locality/piqa_valid.jsonl", args.piqa) if args.piqa else []
     ppl_tokens = token_stream(lm, data / "wikitext/wikitext-2-raw/wiki.test.raw", args.ppl_tokens)[0]
     corpus = data / "wikitext/wikitext-2-raw/wiki.valid.raw"
     batches = [cases[i: i + args.batch_size] for i in range(0, len(cases), args.batch_size)]
@@ -60,6 +76,8 @@ def main() -> None:
         (out / "edits").mkdir(parents=True, exist_ok=True)
         settings = {"method": m, "n": len(cases), "batch_size": args.batch_size, "hparams": hps.get(m, {}),
                     "ppl_tokens": args.ppl_tokens, "fingerprint": lm.fingerprint}
+        if args.dataset != "counterfact" or args.piqa:  # keys absent from runs stored before these options
+            settings.update(dataset=args.dataset, piqa=args.piqa)
         sfile = out / "settings.json"
         if sfile.is_file():
             # A run may be extended to more cases (the cases are a prefix of one ordered file), nothing else.
@@ -84,14 +102,16 @@ def main() -> None:
             t = time.perf_counter()
             recs = [score_case(lm, c, fluency=False) for c in cases[:n]]
             agg = {k: v for k, v in aggregate(recs).items() if isinstance(v, (int, float))} if recs else {}
-            row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens), "edit_seconds_total": seconds,
-                   "score_seconds": time.perf_counter() - t, **agg}
+            row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens), "edit_seconds_total": seconds, **agg}
+            if piqa:
+                row["piqa_acc"] = choice_accuracy(lm, piqa)
+            row["score_seconds"] = time.perf_counter() - t
             row.update(norms(lm, n_batches))
             done[n] = row
             with open(cfile, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(m, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                      if k in ("n_edits", "es", "ps", "ns", "perplexity")}, flush=True)
+                      if k in ("n_edits", "es", "ps", "ns", "perplexity", "piqa_acc")}, flush=True)
 
         base = {n: lm.mlp_out_weight(n).clone() for n in range(lm.n_layers)}
 

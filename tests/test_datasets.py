@@ -14,6 +14,7 @@ from edit.eval.datasets import (
     load_dataset,
     load_known,
     load_mquake,
+    load_piqa,
     load_zsre,
 )
 
@@ -109,3 +110,27 @@ def test_wrong_schema_is_reported(tmp_path):
     p.write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         load_zsre(p)
+
+
+def test_counterfact_simplified_schema_neighbourhood(shared_data, tmp_path):
+    # the locality prompt answers with the case's true object, so it is a CounterFact neighbourhood prompt (NS)
+    c = load_counterfact_easyedit(shared_data / "counterfact/easyedit_format/counterfact-val.json", n=1)[0]
+    assert c.neighborhood_prompts == ["BBC Radio, by"]
+    rec = {"prompt": "Zed is in", "subject": "Zed", "target_new": "Rome", "ground_truth": "Paris",
+           "rephrase_prompt": "Zed lies in", "locality_prompt": "Ann is in", "locality_ground_truth": "Oslo"}
+    (tmp_path / "cf.json").write_text(json.dumps([rec]))
+    other = load_counterfact_easyedit(tmp_path / "cf.json")[0]
+    assert other.neighborhood_prompts == [] and other.locality[0].answer == " Oslo"
+
+
+def test_piqa(shared_data, tmp_path):
+    items = load_piqa(shared_data / "locality/piqa_valid.jsonl")
+    assert len(items) == 1838 and all(len(i.solutions) == 2 and i.label in (0, 1) for i in items)
+    assert items[0].goal.startswith("How do I ready a guinea pig cage") and items[0].label == 0  # paper, not jeans
+    assert len(load_piqa(shared_data / "locality/piqa_valid.jsonl", n=5)) == 5
+    (tmp_path / "p.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (tmp_path / "p-labels.lst").write_text("0\n1\n")
+    with pytest.raises(DatasetError, match="1 questions but"):
+        load_piqa(tmp_path / "p.jsonl")
+    with pytest.raises(DatasetNotFoundError, match="PIQA file not found"):
+        load_piqa(tmp_path / "missing.jsonl")

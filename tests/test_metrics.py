@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from edit.eval.datasets import Case, Probe
+from edit.eval.datasets import Case, ChoiceItem, Probe
 from edit.eval.metrics import (
+    choice_accuracy,
     harmonic_mean,
     n_gram_entropy,
     n_gram_entropy_one,
@@ -176,3 +177,13 @@ def test_batched_teacher_forcing_matches_unbatched(tokenizer):
         want = sum(float(lp[len(pid) - 1 + j, tok]) for j, tok in enumerate(tid))
         assert tf.logprob == pytest.approx(want, abs=1e-4)
         assert tf.target_ids == tid
+
+
+def test_choice_accuracy_sum_and_char_normalised():
+    # After "Answer:" the model writes " " (0.9), then "A" (0.3) or "C" (0.6), and "C" again after "C" (0.4):
+    # log P(" A") = log 0.27 > log P(" CC") = log 0.216, but per character " CC" wins: log(0.216)/2 > log(0.27)/1.
+    lm = BigramLM({":": {" ": 0.9}, " ": {"A": 0.3, "C": 0.6}, "C": {"C": 0.4}})
+    items = [ChoiceItem("g", ("A", "CC"), 0), ChoiceItem("h", ("CC", "A"), 1)]
+    assert choice_accuracy(lm, items) == 1.0
+    assert choice_accuracy(lm, items, normalize="chars") == 0.0
+    assert choice_accuracy(lm, [ChoiceItem("g", ("A", "CC"), 1)]) == 0.0

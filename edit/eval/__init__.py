@@ -4,6 +4,7 @@ modes, resumable results) → the layer sweep. It reaches every method through :
 from .datasets import (  # noqa: F401
     LOADERS,
     Case,
+    ChoiceItem,
     DatasetError,
     DatasetNotFoundError,
     Probe,
@@ -12,6 +13,7 @@ from .datasets import (  # noqa: F401
     load_dataset,
     load_known,
     load_mquake,
+    load_piqa,
     load_requests,
     load_zsre,
 )

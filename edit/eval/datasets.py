@@ -12,6 +12,7 @@ loader                     file(s) and schema
 :func:`load_zsre`          ``zsre/zsre_dev_800.json`` (src, alt, answers, rephrase, loc, loc_ans, portability)
 :func:`load_mquake`        ``mquake/*.json`` (several requested rewrites per case, multi-hop questions)
 :func:`load_known`         ``known_1000/known_1000.json`` (facts the model knows; for tracing, no counterfactual)
+:func:`load_piqa`          ``locality/piqa_valid.jsonl`` + ``piqa_valid-labels.lst`` (general ability, not edits)
 =========================  ====================================================================
 
 Conventions. Targets carry a leading space (``" Paris"``), as the ROME code writes them before
@@ -179,8 +180,11 @@ def load_counterfact_easyedit(path: str | Path, n: int | None = None) -> list[Ca
         req = Request(_template(r["prompt"], r["subject"]), r["subject"], _space(r["target_new"]),
                       _space(r["ground_truth"]))
         loc = [Probe(r["locality_prompt"], (_space(r["locality_ground_truth"]),))] if r.get("locality_prompt") else []
+        # CounterFact's neighbourhood prompts share the case's relation and true object; when the locality
+        # answer is that object (every record of the shipped files), the prompt is one, and NS scores it.
+        nbr = [r["locality_prompt"]] if loc and r["locality_ground_truth"] == r["ground_truth"] else []
         cases.append(Case(r.get("case_id", i), "counterfact_easyedit", [req], paraphrase_prompts=[r["rephrase_prompt"]],
-                          locality=loc))
+                          neighborhood_prompts=nbr, locality=loc))
     return cases
 
 
@@ -268,6 +272,41 @@ def load_known(path: str | Path, n: int | None = None) -> list[Case]:
     return cases
 
 
+# --------------------------------------------------------------------------- PIQA (general ability)
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A two-way (or n-way) choice question: the model should prefer ``solutions[label]``."""
+
+    goal: str
+    solutions: tuple[str, ...]
+    label: int
+
+
+def load_piqa(path: str | Path, n: int | None = None, labels: str | Path | None = None) -> list[ChoiceItem]:
+    """PIQA validation (Bisk et al. 2020) as EasyEdit ships it for the survey's "other task" locality:
+    ``piqa_valid.jsonl`` (goal, sol1, sol2) and, beside it, ``piqa_valid-labels.lst`` (0 or 1 per line)."""
+    path = Path(path)
+    labels = Path(labels) if labels is not None else path.with_name(path.stem + "-labels.lst")
+    for f in (path, labels):
+        if not f.is_file():
+            raise DatasetNotFoundError(f"PIQA file not found: {f}")
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labs = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+    if len(rows) != len(labs):
+        raise DatasetError(f"{path} has {len(rows)} questions but {labels} has {len(labs)} labels")
+    items = []
+    for i, (line, lab) in enumerate(zip(rows[: n if n is not None else len(rows)], labs)):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path} line {i + 1} is not JSON ({e})") from e
+        _need(r, ("goal", "sol1", "sol2"), path, i)
+        if lab not in ("0", "1"):
+            raise DatasetError(f"{labels} line {i + 1}: label {lab!r} is not 0 or 1")
+        items.append(ChoiceItem(r["goal"], (r["sol1"], r["sol2"]), int(lab)))
+    return items
+
+
 LOADERS = {
     "counterfact": load_counterfact,
     "counterfact_easyedit": load_counterfact_easyedit,
@@ -283,6 +322,7 @@ DEFAULT_FILES = {
     "zsre": "zsre/zsre_dev_800.json",
     "mquake": "mquake/MQuAKE-hard.json",
     "known": "known_1000/known_1000.json",
+    "piqa": "locality/piqa_valid.jsonl",
 }
 
 

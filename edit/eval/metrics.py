@@ -547,6 +547,36 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 @torch.no_grad()
+def choice_accuracy(lm, items, *, normalize: str = "sum", batch_size: int = 32) -> float:
+    """Share of multiple-choice ``items`` (:class:`edit.eval.ChoiceItem`, e.g. PIQA) on which the model
+    gives its highest likelihood to the right solution: the survey's "other task" locality when taken
+    before and after an edit, and a general-ability check under sequential editing.
+
+    The prompt is lm-evaluation-harness's PIQA format, ``"Question: {goal}\nAnswer:"`` followed by
+    ``" {solution}"``. ``normalize="sum"`` compares summed log-likelihoods (lm-eval's ``acc``);
+    ``"chars"`` divides each by the solution's length in characters (lm-eval's ``acc_norm``). Input
+    transforms of applied edits are not placed before the question, as for :func:`perplexity`."""
+    if normalize not in ("sum", "chars"):
+        raise InvalidArgumentError(f"normalize must be 'sum' or 'chars', got {normalize!r}")
+    if not items:
+        raise InvalidArgumentError("choice_accuracy needs at least one item")
+    prompts, targets = [], []
+    for it in items:
+        for sol in it.solutions:
+            prompts.append(f"Question: {it.goal}\nAnswer:")
+            targets.append(" " + sol.strip())
+    tfs = iter(teacher_forced(lm, prompts, targets, batch_size=batch_size))
+    right = 0
+    for it in items:
+        scores = []
+        for sol in it.solutions:
+            lp = next(tfs).logprob
+            scores.append(lp / max(1, len(sol.strip())) if normalize == "chars" else lp)
+        right += int(int(np.argmax(scores)) == it.label)
+    return right / len(items)
+
+
+@torch.no_grad()
 def perplexity(lm, tokens: torch.Tensor, *, seq_len: int = 512, batch_size: int = 4) -> float:
     """Perplexity exp(mean NLL) of a token stream, cut into windows of ``seq_len`` tokens (each window
     scored on its own, no overlap), as a general-ability check on the model as it is (edits applied).
