@@ -367,3 +367,189 @@ def find_data_dir(given: str | Path | None = None) -> Path:
             return c
     raise DatasetNotFoundError(f"no data directory found (looked in {', '.join(map(str, cands))}); "
                                "pass Runtime(data_dir=...) or set LOCATE_EDIT_DATA")
+
+
+# --------------------------------------------------------------------------- the survey's portability and locality files
+def _question_request(r: dict) -> Request | None:
+    """A zsRE-style record's request: the question ``src`` with the subject as ``{}`` (matched exactly,
+    else case-insensitively), the new answer ``alt``, the old answer ``answers[0]``; None when the
+    subject is not in the question (a few records name it differently)."""
+    src, subject = r["src"], r["subject"]
+    j = src.find(subject)
+    if j < 0:
+        j = src.lower().find(subject.lower())
+    if j < 0:
+        return None
+    true = r["answers"][0] if r.get("answers") else None
+    if true is not None and true.strip() == r["alt"].strip():
+        true = None
+    return Request(src[:j] + "{}" + src[j + len(subject):], src[j:j + len(subject)], _space(r["alt"]),
+                   None if true is None else _space(true))
+
+
+def load_zsre_subject_replace(path: str | Path, n: int | None = None) -> list[Case]:
+    """zsRE edits with the survey's subject-replacement portability question
+    (``zsre/zsre_subject_replace.json``): after writing (s, r, alt), the question about s's alias
+    (``alter_subject_question``, about ``alternative_subject``) should be answered with ``alt`` too.
+    The rephrased question is the generality probe; there is no locality probe in this file. Records
+    whose subject is not in the question are left out (``extra["skipped"]`` of the first case counts them)."""
+    path = Path(path)
+    cases, skipped = [], 0
+    for i, r in enumerate(_read(path, "zsRE subject replace")):
+        if n is not None and len(cases) >= n:
+            break
+        _need(r, ("subject", "src", "alt", "answers", "rephrase", "alter_subject_question"), path, i)
+        req = _question_request(r)
+        if req is None:
+            skipped += 1
+            continue
+        cases.append(Case(i, "zsre_subject_replace", [req], paraphrase_prompts=[r["rephrase"]],
+                          portability=[Probe(r["alter_subject_question"], (req.target_new,))],
+                          extra={"alternative_subject": r.get("alternative_subject")}))
+    if cases:
+        cases[0].extra["skipped"] = skipped
+    return cases
+
+
+def load_zsre_inverse_relation(path: str | Path, n: int | None = None) -> list[Case]:
+    """zsRE edits with the survey's reversed-relation portability question
+    (``zsre/zsre_inverse_relation.json``): after writing (s, r, o*), the question of the inverse
+    relation about o* (field ``inverse question``) should be answered with the subject s. Records
+    whose subject is not in the question are left out (``extra["skipped"]`` of the first case counts them)."""
+    path = Path(path)
+    cases, skipped = [], 0
+    for i, r in enumerate(_read(path, "zsRE inverse relation")):
+        if n is not None and len(cases) >= n:
+            break
+        _need(r, ("subject", "src", "alt", "answers", "rephrase", "inverse question"), path, i)
+        req = _question_request(r)
+        if req is None:
+            skipped += 1
+            continue
+        cases.append(Case(i, "zsre_inverse_relation", [req], paraphrase_prompts=[r["rephrase"]],
+                          portability=[Probe(r["inverse question"], (_space(req.subject),))]))
+    if cases:
+        cases[0].extra["skipped"] = skipped
+    return cases
+
+
+def load_counterfact_subject_replace(path: str | Path, n: int | None = None) -> list[Case]:
+    """CounterFact (ROME schema) with the survey's subject-replacement portability
+    (``easyedit_rome_format/counterfact_subject_replace.json``): the rewrite prompt about the subject's
+    alias (``alternative_subject``) should be continued with ``target_new`` too. The file's other
+    portability field, if any, is replaced by this probe."""
+    path = Path(path)
+    cases = load_counterfact(path, n)
+    for i, c in enumerate(cases):
+        alias = c.extra.get("alternative_subject")
+        if not alias:
+            raise DatasetError(f"{path} record {i}: no alternative_subject; is this the subject-replace file?")
+        c.dataset = "counterfact_subject_replace"
+        c.portability = [Probe(c.request.prompt.replace("{}", alias), (c.request.target_new,))]
+    return cases
+
+
+def load_counterfact_other_attribution(path: str | Path, n: int | None = None) -> list[Case]:
+    """CounterFact (ROME schema) with the survey's "other attribution" locality
+    (``easyedit_rome_format/counterfact_other_attribution.json``): a question about another attribute
+    of the edited subject (``unrelated_relation``: question and object), whose answer the edit should
+    leave alone. It becomes the case's locality probe (scored as agreement with the unedited model,
+    and ``locality_acc`` against the object)."""
+    path = Path(path)
+    cases = load_counterfact(path, n)
+    for i, c in enumerate(cases):
+        rel = c.extra.get("unrelated_relation") or {}
+        if not rel.get("question") or not rel.get("object"):
+            raise DatasetError(f"{path} record {i}: no unrelated_relation question/object; "
+                               "is this the other-attribution file?")
+        c.dataset = "counterfact_other_attribution"
+        c.locality = [Probe(rel["question"], (_space(rel["object"]),))]
+    return cases
+
+
+def load_counterfact_distracting_neighbor(path: str | Path, n: int | None = None) -> list[Case]:
+    """CounterFact (ROME schema) with the survey's "distracting neighbour" locality
+    (``easyedit_rome_format/counterfact_distracting_neighbor.json``): each neighbourhood prompt is
+    preceded by the new fact ("Spike Hughes originates from Philadelphia. Max Mosley originates
+    from"). These prompts replace the neighbourhood prompts (NS: P(true) > P(new) on them) and are
+    also the locality probes (agreement with the unedited model on ``target_true``)."""
+    path = Path(path)
+    cases = load_counterfact(path, n)
+    for i, c in enumerate(cases):
+        prompts = list(c.extra.get("distracting_neighborhood_prompts") or [])
+        if not prompts:
+            raise DatasetError(f"{path} record {i}: no distracting_neighborhood_prompts; "
+                               "is this the distracting-neighbour file?")
+        c.dataset = "counterfact_distracting_neighbor"
+        c.neighborhood_prompts = prompts
+        c.locality = [Probe(p, (c.request.target_true,)) for p in prompts]
+    return cases
+
+
+KNOWEDIT_PORTABILITY = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
+KNOWEDIT_LOCALITY = ("Relation_Specificity", "Forgetfulness")
+
+
+def _knowedit_probes(block: Any, keys: tuple[str, ...]) -> tuple[list[Probe], list[str]]:
+    """EasyEdit's KnowEdit ``locality``/``portability`` block ({key: [{prompt, ground_truth}]}) as
+    probes and the key of each. As EasyEdit's runner does, a nested answer list is reduced to its
+    first string and probes with an empty answer are dropped."""
+    probes, of_key = [], []
+    for key in keys:
+        for item in (block or {}).get(key) or []:
+            prompt, ans = item.get("prompt"), item.get("ground_truth")
+            while isinstance(ans, list):
+                ans = ans[0] if ans else ""
+            if isinstance(prompt, list):
+                prompt = prompt[0] if prompt else ""
+            if not prompt or not isinstance(ans, str) or not ans.strip():
+                continue
+            probes.append(Probe(prompt, (_space(ans),)))
+            of_key.append(key)
+    return probes, of_key
+
+
+def load_knowedit(path: str | Path, n: int | None = None) -> list[Case]:
+    """A KnowEdit file (EasyEdit's benchmark: ``knowedit/ZsRE-test-all.json``, ``wiki_recent_train.json``,
+    ``wiki_counterfact_train_cf.json``, ``wikibio_test_all.json``), read as EasyEdit's KnowEditDataset
+    reads it: subject (or ``concept``), prompt (or WikiBio's ``text``), target_new (or ``labels``),
+    ``ground_truth`` (the old answer, when given), ``rephrase_prompt`` (when given), and the
+    ``portability`` (Reasoning, Subject_Aliasing, Logical_Generalization) and ``locality``
+    (Relation_Specificity, Forgetfulness) probes, each probe's key kept in ``extra["portability_keys"]``
+    / ``extra["locality_keys"]`` (EasyEdit averages within a key, then over keys). The rendered prompt
+    is also the case's generation prompt (EasyEdit's fluency). Records whose subject does not occur in
+    the prompt (also case-insensitively) cannot be a request and are left out; ``extra["skipped"]`` of
+    the first case counts them."""
+    path = Path(path)
+    data = _read(path, "KnowEdit")
+    cases, skipped = [], 0
+    for i, r in enumerate(data):
+        if n is not None and len(cases) >= n:
+            break
+        subject = r.get("subject", r.get("concept"))
+        prompt = r.get("prompt", r.get("text"))
+        target = r.get("target_new", r.get("labels"))
+        if not subject or not prompt or not target:
+            raise DatasetError(f"{path} record {i}: needs subject (or concept), prompt (or text) and "
+                               "target_new (or labels); is this a KnowEdit file?")
+        j = prompt.find(subject)
+        if j < 0:
+            j = prompt.lower().find(subject.lower())
+        if j < 0:
+            skipped += 1
+            continue
+        true = r.get("ground_truth")
+        while isinstance(true, list):
+            true = true[0] if true else None
+        req = Request(prompt[:j] + "{}" + prompt[j + len(subject):], prompt[j:j + len(subject)], _space(target),
+                      _space(true) if isinstance(true, str) and true.strip() and true.strip() != str(target).strip()
+                      else None)
+        loc, loc_keys = _knowedit_probes(r.get("locality"), KNOWEDIT_LOCALITY)
+        port, port_keys = _knowedit_probes(r.get("portability"), KNOWEDIT_PORTABILITY)
+        cases.append(Case(i, "knowedit", [req],
+                          paraphrase_prompts=[r["rephrase_prompt"]] if r.get("rephrase_prompt") else [],
+                          generation_prompts=[req.rendered], locality=loc, portability=port,
+                          extra={"locality_keys": loc_keys, "portability_keys": port_keys}))
+    if cases:
+        cases[0].extra["skipped"] = skipped
+    return cases
