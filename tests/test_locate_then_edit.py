@@ -3,17 +3,22 @@ where plain ROME/MEMIT would give a different number."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import edit
 from edit.context import templates_for
 from edit.methods.emmet import EMMETHparams, emmet_update
 from edit.methods.memit import layer_update, memit_targets, subject_residuals
+from edit.methods.prune import accumulated, restrain
 from edit.methods.rect import top_relative_mask
 from edit.request import InvalidRequestError
 from locate.errors import InvalidHparamsError
-from locate.testing import tiny_model
+from locate import HookedLM
+from locate.testing import tiny_config, tiny_model
 
 REQS = [edit.Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
         edit.Request("{} was founded by", "Apple", " Newton", " Jobs"),
@@ -145,3 +150,77 @@ def test_rect_on_another_base_and_its_refusals(setup):
     with pytest.raises(InvalidRequestError):
         edit.compute("rect", REQS[:2], model=lm, runtime=rt, hparams={"base": "rome", "layers": [0], "n_layers": 1})
     assert all(torch.equal(a, b) for a, b in zip(lm.hf_model.state_dict().values(), state))
+
+
+# ---------------------------------------------------------------------------------------------- PRUNE
+def test_prune_restraint_function():
+    s = torch.tensor([8.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    assert restrain(s, 2.0, "log", 2.0).tolist() == [4.0, 2.0, 1.0, 0.5]  # 2 + log₂(8/2)
+    assert torch.allclose(restrain(s, 2.0), torch.tensor([2 + math.log(4), 2.0, 1.0, 0.5], dtype=torch.float64))
+    assert restrain(s, 2.0, "linear").tolist() == [5.0, 2.0, 1.0, 0.5]
+
+
+@pytest.fixture(scope="module")
+def wide(tokenizer, shared_data):
+    """A tiny Llama whose MLP output projections have σ_max ≈ 1.7 (≥ 1/ln e, as on real models, where the
+    log restraint lowers what it touches) and small keys (so a MEMIT update exceeds σ_max within a few
+    edits): up_proj × 0.2, down_proj × 4, wrapped after scaling so its fingerprint is its own."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)))
+    with torch.no_grad():
+        for block in hf.model.layers:
+            block.mlp.up_proj.weight.mul_(0.2)
+            block.mlp.down_proj.weight.mul_(4.0)
+    lm = HookedLM.from_hf(hf, tokenizer, name="tiny-llama-wide-values")
+    rt = edit.Runtime(corpus=shared_data / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw", check_efficacy=False)
+    yield lm, rt
+    assert not lm.applied_edits
+
+
+def _sequential(lm, rt, method: str) -> list:
+    """Apply one edit of ``method`` per request, in turn; the caller reverts them."""
+    done = []
+    for r in REQS:
+        done.append(edit.compute(method, [r], model=lm, hparams=MEMIT_HP, runtime=rt).apply(lm))
+    return done
+
+
+def test_prune_bounds_the_accumulated_edit_over_sequential_edits(wide):
+    """PRUNE: after each of several sequential edits, the singular values of the accumulated PRUNE update
+    A_n are F of those of A_{n−1} + Δ_n (Δ_n: MEMIT's update on the same model): every one above
+    σ_max(W₀) is brought down to σ_max + ln(σ̄/σ_max). Plain MEMIT's accumulated update, on the same
+    three facts, has a largest singular value well above PRUNE's."""
+    lm, rt = wide
+    done, compressed = [], 0
+    try:
+        for r in REQS:
+            raw = edit.compute("memit", [r], model=lm, hparams=MEMIT_HP, runtime=rt)
+            e = edit.compute("prune", [r], model=lm, hparams=MEMIT_HP, runtime=rt)
+            for d_raw, d in zip(raw.deltas, e.deltas):
+                A_prev = accumulated(lm, d.param)
+                A_prev = torch.zeros(d.shape, dtype=torch.float64) if A_prev is None else A_prev
+                s_max = float(torch.linalg.matrix_norm(lm.parameter(d.param).double() - A_prev, ord=2))
+                plain = torch.linalg.svdvals(A_prev + d_raw.matrix().double())
+                ours = torch.linalg.svdvals(A_prev + d.matrix().double())
+                bound = torch.where(plain > s_max, s_max + torch.log(plain / s_max), plain)
+                assert torch.allclose(ours, bound, rtol=1e-4, atol=1e-6 * s_max)
+                assert bool((ours <= plain + 1e-6).all())
+                compressed += int((plain > 1.5 * s_max).sum())
+            done.append(e.apply(lm))
+        params = [d.param for d in done[-1].deltas]
+        A = {p: accumulated(lm, p) for p in params}
+        assert torch.allclose(A[params[0]], sum(e.deltas[0].matrix().double() for e in done))
+    finally:
+        for e in reversed(done):
+            e.revert(lm)
+    assert compressed >= 3 and accumulated(lm, params[0]) is None
+    plain_done = _sequential(lm, rt, "memit")
+    try:
+        for p in params:
+            s_prune = float(torch.linalg.matrix_norm(A[p], ord=2))
+            s_memit = float(torch.linalg.matrix_norm(sum(e.deltas[params.index(p)].matrix().double()
+                                                         for e in plain_done), ord=2))
+            assert s_memit > s_prune + 0.5
+    finally:
+        for e in reversed(plain_done):
+            e.revert(lm)
