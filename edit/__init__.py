@@ -29,6 +29,7 @@ from .eval import (  # noqa: F401
     Probe,
     Results,
     SequentialRun,
+    benchmark,
     evaluate,
     format_table,
     layer_sweep,

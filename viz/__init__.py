@@ -2,5 +2,6 @@
 
 from .evaluation import (plot_batch_sizes, plot_layer_sweep, plot_methods, plot_sequential,  # noqa: F401
                          plot_sequential_curves, plot_tracing_vs_editing)
+from .benchmark import benchmark_figures, plot_cost, plot_curves, plot_summary  # noqa: F401
 from .neurons import neuron_heatmap  # noqa: F401
 from .trace import aie_plot, trace_heatmap, trace_heatmaps  # noqa: F401

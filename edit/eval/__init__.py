@@ -13,10 +13,17 @@ from .datasets import (  # noqa: F401
     load_dataset,
     load_known,
     load_mquake,
+    load_counterfact_distracting_neighbor,
+    load_counterfact_other_attribution,
+    load_counterfact_subject_replace,
+    load_knowedit,
     load_piqa,
     load_requests,
     load_zsre,
+    load_zsre_inverse_relation,
+    load_zsre_subject_replace,
 )
+from .benchmark import AXES, BenchmarkData, BenchmarkDataWarning, benchmark, build_report, load_benchmark  # noqa: F401
 from .harness import NONE, Measure, Results, evaluate, format_table  # noqa: F401
 from .sequential import SequentialRun, sequential  # noqa: F401
 from .sweep import LayerSweep, layer_sweep  # noqa: F401
