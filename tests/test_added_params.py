@@ -158,3 +158,111 @@ def test_lora_save_load_round_trip(gpt2, tmp_path):
         a = _logits(lm, UNRELATED)
     with edit.applied(lm, loaded):
         assert torch.equal(_logits(lm, UNRELATED), a)
+
+
+# ============================================================================================== T-Patcher
+from edit.methods.t_patcher import TPatcherHparams, TPatcherNeurons, label_smoothed_nll, t_patcher  # noqa: E402
+from locate.hooks import capture  # noqa: E402
+
+PIANO = Request("The instrument {} played was the", "Miles Davis", " piano")
+# out of scope on the tiny models: no shared subject and no final " of" (on these random models the FFN input
+# of a token barely depends on its context, so a prompt ending in " of" looks like EIFFEL's edit position)
+OUT_OF_SCOPE = ["The capital city in Japan is", "My favourite food is", "Water boils at a high", "She plays the piano every"]
+TP = {"max_steps": 300, "check_every": 1000, "memory_size": 4000}  # no early stop; 300 steps converge here
+
+
+@torch.no_grad()
+def _patch_pre_activations(lm, patch: TPatcherNeurons, prompts):
+    with capture(lm, patch.in_hook) as got:
+        batch = lm.encode_batch(prompts)
+        lm.forward(batch)
+    return patch.pre_activation(got[patch.in_hook]), batch
+
+
+def test_t_patcher_neuron_is_off_out_of_scope_and_the_edit_takes(tiny):
+    lm = tiny
+    before, base = _state(lm), _logits(lm, OUT_OF_SCOPE)
+    mixed = lm.encode_batch(OUT_OF_SCOPE + [EIFFEL.rendered])  # right-padded to the edited prompt's length
+    real = mixed.attention_mask[:-1].bool()
+    base_mixed = _logits(lm, OUT_OF_SCOPE + [EIFFEL.rendered])
+    e = t_patcher(EIFFEL, model=lm, **TP)
+    assert _same_state(lm, before) and not e.is_applied and e.kinds == ["hook"] and e.layers == [lm.n_layers - 1]
+    (p,) = e.hook_modules
+    assert isinstance(p, TPatcherNeurons) and len(p) == 1 and p.in_hook == f"blocks.{lm.n_layers - 1}.mlp.hook_in"
+    assert e.metrics["efficacy"] == 1.0 and e.metrics["edit_activation_min"] > 0 and e.metrics["memory_size"] == 4000
+    a, batch = _patch_pre_activations(lm, p, OUT_OF_SCOPE)
+    assert bool((a[batch.attention_mask.bool()] <= 0).all())  # off at every real position of every prompt
+    with edit.applied(lm, e):
+        assert _same_state(lm, before)
+        assert torch.equal(_logits(lm, OUT_OF_SCOPE), base)  # relu(a) = 0: bit-identical
+        assert int(lm.last_logits([EIFFEL.rendered])[0].argmax()) == _first(lm, EIFFEL)
+        with torch.no_grad():
+            out = lm.forward(mixed)
+        assert torch.equal(out[:-1][real], base_mixed[:-1][real]) and int(out[-1, mixed.last[-1]].argmax()) == _first(lm, EIFFEL)
+    assert torch.equal(_logits(lm, OUT_OF_SCOPE), base)
+
+
+def test_t_patcher_initialisation_is_the_references(gpt2):
+    """k = q/‖q‖², b = 0 (so the patch's pre-activation at the prompt's last token is 1) and v = 10·v₀,
+    v₀ ~ N(0, I) from the run's seed; after one vanishing step they are unchanged."""
+    lm = gpt2
+    rt = edit.Runtime(seed=3, check_efficacy=False)
+    e = t_patcher(EIFFEL, model=lm, max_steps=1, lr=1e-12, memory_size=256, runtime=rt)
+    (p,) = e.hook_modules
+    a, batch = _patch_pre_activations(lm, p, [EIFFEL.rendered])
+    assert float(a[0, batch.last[0], 0]) == pytest.approx(1.0, abs=1e-6)
+    v0 = torch.randn(1, lm.d_model, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(p.values, 10 * v0, atol=1e-6) and float(p.biases[0]) == pytest.approx(0.0, abs=1e-9)
+    assert p.queries.shape == (len(lm.target_ids(" Rome", EIFFEL.rendered)), lm.d_model)
+
+
+def test_t_patcher_label_smoothed_loss_is_fairseqs():
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 0.0, 0.0]]), -1)
+    gold = torch.tensor([0, 3])
+    eps, V = 0.1, 4
+    nll = -(logp[0, 0] + logp[1, 3])
+    smooth = -logp.sum()
+    expected = ((1 - eps - eps / (V - 1)) * nll + eps / (V - 1) * smooth) / 2
+    assert float(label_smoothed_nll(logp, gold, eps)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(label_smoothed_nll(logp, gold, 0.0)) == pytest.approx(float(nll / 2), rel=1e-6)
+    assert float(label_smoothed_nll(logp, gold, eps)) != pytest.approx(float(nll / 2), rel=1e-3)
+
+
+def test_t_patcher_sequential_patches_keep_off_the_earlier_edit(gpt2):
+    lm = gpt2
+    rt = edit.Runtime()
+    first = t_patcher(EIFFEL, model=lm, runtime=rt, **TP)
+    with edit.applied(lm, first):
+        second = t_patcher(PIANO, model=lm, runtime=rt, **TP)
+        (p1,), (p2,) = first.hook_modules, second.hook_modules
+        assert second.parents == [first.id]
+        assert second.metrics["memory_size"] == 4000 + p1.queries.shape[0]  # the earlier edit's positions joined the memory
+        assert bool((p2.pre_activation(p1.queries) < 0).all())  # the new neuron stays off the earlier edit
+        with edit.applied(lm, second):
+            assert int(lm.last_logits([EIFFEL.rendered])[0].argmax()) == _first(lm, EIFFEL)
+            assert int(lm.last_logits([PIANO.rendered])[0].argmax()) == _first(lm, PIANO)
+
+
+def test_t_patcher_early_stop_and_schedule(gpt2):
+    lm = gpt2
+    e = t_patcher(EIFFEL, model=lm, max_steps=120, check_every=5, start_check=0, memory_size=1000,
+                  runtime=edit.Runtime(check_efficacy=False))
+    checks = e.metrics["checks"]
+    assert [c["step"] for c in checks] == list(range(5, 5 * len(checks) + 1, 5))
+    taken = [c["memory_loss"] for c in checks if c["takes"]]
+    if e.metrics["stopped_early_at"] is not None:  # stopped at the first check without a new best (by 0.001)
+        assert e.metrics["stopped_early_at"] == checks[-1]["step"] == e.metrics["steps"] and checks[-1]["takes"]
+        assert taken[-1] >= min(taken[:-1]) - 0.001
+    lrs = [c["lr"] for c in checks]
+    assert lrs[0] <= 1e-2 and all(b in (a, a * 0.5) for a, b in zip(lrs, lrs[1:]))  # plateau halving only
+
+
+def test_t_patcher_hparams_and_registration(gpt2):
+    for bad in ({"max_steps": 0}, {"layer": 1.0}, {"label_smoothing": 1.0}, {"memory_window": 0}, {"lr": float("nan")}):
+        with pytest.raises(InvalidHparamsError):
+            t_patcher(EIFFEL, model=gpt2, **bad)
+    m = edit.get_method("t-patcher")
+    assert m.batched and m.layers is None
+    hp = TPatcherHparams()
+    assert (hp.lr, hp.act_coef, hp.memory_coef, hp.memory_margin1, hp.memory_margin2, hp.act_top_k, hp.memory_top_k,
+            hp.amplify, hp.memory_size) == (1e-2, 1.0, 5.0, 3.0, -3.0, 5, 1000, 10.0, 40000)
