@@ -14,8 +14,8 @@ restoration by the first-order Taylor expansion of ``m`` around the corrupted ru
 
 so every (t, l) of every kind comes from **one clean forward and one corrupted forward + backward**,
 the noise samples batched (``S`` rows). For the ``mlp``/``attn`` kinds the exact path restores a
-window ``W(l) = [l - w//2, l + w - w//2)`` of layers at once; its first-order estimate is the sum of
-the single-layer terms (the Taylor expansion of a joint patch is additive at first order):
+window ``W(l) = [l - w//2, l + w - w//2)`` of layers at once; its estimate is the sum of the
+single-layer terms (cheap, and what attribution tools report; see "Windows" below for what it misses):
 
     IE_hat_W(t, l) = sum_{j in W(l)} IE_hat(t, j)                                              (3)
 
@@ -26,7 +26,7 @@ exact endpoints, computed as the exact path computes them (same noise draw for t
 Tokens before the subject are the same in the clean and corrupted runs, so their estimate is set to
 exactly 0, as the exact path sets their score to ``p_corrupted``.
 
-What it approximates, and where it is known to fail (1) is a difference of ``m`` between two points
+What it approximates, and where it is known to fail. (1) is a difference of ``m`` between two points
 that can be far apart; (2) is exact only when ``m`` is linear along the segment between them:
 
 * **Saturated softmax.** ``m`` is itself a softmax probability: when the corrupted run gives the
@@ -45,16 +45,26 @@ that can be far apart; (2) is exact only when ``m`` is linear along the segment 
 * **Cancellation.** A state whose direct and indirect paths push ``m`` in opposite directions can get
   a near-zero gradient although restoring it matters (Kramár et al. §3.1.2, whose GradDrop repeats the
   backward pass with the gradient through one layer dropped at a time). Windows (3) can also cancel.
+* **Windows are sums, not joint restorations.** ``dm/da(t, j)`` includes the path from layer ``j``
+  through the later layers of the window at token ``t``; the joint restoration overwrites those
+  layers and cuts that path. So (3) counts it once per layer, and even as the noise goes to 0 it tends
+  to the sum of the single-layer effects, not to the exact window score (``window=1`` has no such gap).
 
 The nnsight tutorial "Attribution Patching" (https://nnsight.net/notebooks/tutorials/attribution_patching/)
 shows the pattern, (2) with a clean-minus-corrupted difference and the gradient at the corrupted run,
 and the same caveats. Use it as a fast first pass over many facts or a large model, and check the
 states it flags with the exact path (``trace(..., tokens=[...])`` traces only chosen rows).
 
-Not implemented: ``method="atp*"``. Kramár et al.'s fixes are stated for attention-head nodes: the
-QK fix recomputes the attention softmax for a patched *query or key*; the states traced here sit
-upstream of every later layer's queries and keys, and carrying a restoration's change to each of them
-exactly needs a forward-mode pass per state, which is the cost of exact tracing.
+Cost and memory: one clean forward (1 row) and one forward + backward over the ``S`` noise rows,
+about three forwards of ``S`` rows whatever the number of kinds and layers. The backward keeps the
+corrupted run's activations (attention included) for ``batch_size`` rows at a time: for long prompts
+pass a smaller ``batch_size`` (down to 1); the fast exact path's memory, unlike this one's, stays flat.
+
+Not implemented: ``method="atp*"``. Kramár et al.'s QK fix recomputes the attention softmax for a
+patched *query or key node*; the states traced here sit upstream of every later layer's queries and
+keys, and carrying a restoration's change to each of them needs a forward-mode pass per state, which
+is the cost of exact tracing. GradDrop alone (L more
+backward passes, averaging absolute values) would estimate |IE| rather than IE, and is not AtP*.
 """
 
 from __future__ import annotations
@@ -71,49 +81,48 @@ from .model import HookedLM
 ATTRIBUTION_METHODS = ("attribution",)
 
 
-def corrupted_gradients(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor,
-                        answer_id: int, names: Sequence[str], *, batch_size: int = 256):
-    """The corrupted run with gradients: ``(p_corrupted, acts, grads)``.
+def corrupted_terms(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor, answer_id: int,
+                    clean: dict[str, torch.Tensor], *, batch_size: int = 256) -> tuple[float, dict[str, np.ndarray]]:
+    """The corrupted run with gradients: ``(p_corrupted, term)``, ``term[name]`` (T,) being equation (2)
+    for the state at hook point ``name``, summed over the width:
 
-    ``m = (1/S) sum_s P_s[answer]`` (the mean over the ``S`` noise samples of the last-position
-    probability of the answer); ``acts[name]`` (S, T, d) are the corrupted activations at each hook
-    point and ``grads[name]`` (S, T, d) is ``dm/da`` there, taken as if each hook point were an input
-    of its own (a zero tensor added at the hook carries the gradient). Samples run ``batch_size`` rows
-    at a time, each chunk one forward and one backward; the model's weights get no gradient."""
+        term[name][t] = sum_s (a_clean(t) - a_corr,s(t)) . dm/da_s(t),   m = (1/S) sum_s P_s[answer]
+
+    (``m`` is the mean over the ``S`` noise samples, so the sum over ``s`` is the expectation of (2)).
+    ``dm/da`` is read by a gradient hook on each activation as the backward pass goes by, and reduced
+    at once, so no (S, T, d) gradient is kept. Samples run ``batch_size`` rows at a time, each chunk one
+    forward and one backward; the weights take no gradient (the embedding output is the only leaf)."""
     s0, s1 = span
     S, T = noise.shape[0], len(ids)
-    names = list(names)
-    acts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    term = {n: torch.zeros(T, dtype=torch.float64, device=lm.device) for n in clean}
     total = 0.0
     for a in range(0, S, batch_size):
         eps = noise[a:a + batch_size].to(lm.device)
-        B = eps.shape[0]
-        x = torch.tensor([list(ids)] * B, device=lm.device)
-        probes = {n: torch.zeros(B, T, lm.d_model, device=lm.device, dtype=lm.dtype, requires_grad=True)
-                  for n in names}
+        x = torch.tensor([list(ids)] * eps.shape[0], device=lm.device)
 
         def add_noise(h, hook, eps=eps):
-            h = h.clone()
-            h[:, s0:s1] += eps.to(h.dtype)
-            return h
+            h = h.detach().clone().requires_grad_(True)  # the leaf the backward pass runs back to
+            out = h.clone()
+            out[:, s0:s1] += eps.to(h.dtype)
+            return out
 
-        def probe(name, probes=probes):
+        def reader(name):
             def fn(h, hook):
-                acts[name].append(h.detach())
-                return h + probes[name]
+                diff = (clean[name][None].to(h.dtype) - h.detach()).double()  # a_clean - a_corr, (B, T, d)
+
+                def on_grad(g, diff=diff):
+                    term[name].add_((diff * g.double()).sum(-1).sum(0))
+                h.register_hook(on_grad)
+                return h
             return fn
 
-        hooks = [(lm.hook_embed, add_noise)] + [(n, probe(n)) for n in names]
+        hooks = [(lm.hook_embed, add_noise)] + [(n, reader(n)) for n in clean]
         with lm.eval_mode(), torch.enable_grad(), lm.hooks(hooks):
             logits = lm.hf_model(input_ids=x, logits_to_keep=1).logits[:, -1]
             p = logits.float().softmax(-1)[:, answer_id]  # P_s[answer], (B,)
-            got = torch.autograd.grad(p.sum() / S, [probes[n] for n in names])
+            (p.sum() / S).backward()
         total += float(p.detach().sum())
-        for n, g in zip(names, got):
-            grads[n].append(g)
-    cat = {n: torch.cat(v) for n, v in acts.items()}
-    return total / S, cat, {n: torch.cat(v) for n, v in grads.items()}
+    return total / S, {n: v.cpu().numpy() for n, v in term.items()}
 
 
 def attribution_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: torch.Tensor, answer_id: int,
@@ -127,11 +136,9 @@ def attribution_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], 
     names = sorted({state_hook(lm, k, l) for k in kinds for l in range(L)})
     _, clean = clean_states(lm, ids, names)  # clean[name]: (T, d)
     t_clean = time.perf_counter()
-    p_corrupted, corr, grad = corrupted_gradients(lm, ids, span, noise, answer_id, names, batch_size=batch_size)
-    t_grad = time.perf_counter()
     # equation (2): one term per (hook point, token), summed over d and over the samples (m is their mean)
-    term = {n: ((clean[n].double()[None] - corr[n].double()) * grad[n].double()).sum(-1).sum(0).cpu().numpy()
-            for n in names}  # (T,)
+    p_corrupted, term = corrupted_terms(lm, ids, span, noise, answer_id, clean, batch_size=batch_size)
+    t_grad = time.perf_counter()
     scores = {}
     for kind in kinds:
         ie = np.zeros((T, L))
