@@ -266,3 +266,84 @@ def test_t_patcher_hparams_and_registration(gpt2):
     hp = TPatcherHparams()
     assert (hp.lr, hp.act_coef, hp.memory_coef, hp.memory_margin1, hp.memory_margin2, hp.act_top_k, hp.memory_top_k,
             hp.amplify, hp.memory_size) == (1e-2, 1.0, 5.0, 3.0, -3.0, 5, 1000, 10.0, 40000)
+
+
+# ============================================================================================== MELO
+from edit.methods.melo import MELOHparams, MeloBlock, melo  # noqa: E402
+
+
+def test_melo_is_bit_identical_where_routing_says_not_an_edit(tiny):
+    lm = tiny
+    before, base = _state(lm), _logits(lm, OUT_OF_SCOPE)
+    mixed = lm.encode_batch(OUT_OF_SCOPE + [EIFFEL.rendered])
+    base_mixed = _logits(lm, OUT_OF_SCOPE + [EIFFEL.rendered])
+    e = melo(EIFFEL, model=lm, layer=[0, 1])
+    assert _same_state(lm, before) and e.kinds == ["hook"] and e.layers == [0, 1]
+    (b,) = e.hook_modules
+    assert isinstance(b, MeloBlock) and b.key_hook == "blocks.0.mlp.hook_pre" and len(b.router) == 1
+    assert [a.rank for a in b.adapters] == [2, 2] and b.adapters[0].scale == 350.0  # MELO: r_b = 2, s = num_block
+    with torch.no_grad(), capture(lm, b.key_hook) as got:
+        lm.forward(lm.encode_batch(OUT_OF_SCOPE))
+    assert not bool(b.route(got[b.key_hook]).any())  # routing: no position of these prompts is an edit
+    with edit.applied(lm, e):
+        assert _same_state(lm, before)
+        assert torch.equal(_logits(lm, OUT_OF_SCOPE), base)  # the very tensors: bit-identical
+        assert int(lm.last_logits([EIFFEL.rendered])[0].argmax()) == _first(lm, EIFFEL)
+        with torch.no_grad():
+            out = lm.forward(mixed)
+        real = mixed.attention_mask[:-1].bool()
+        assert torch.equal(out[:-1][real], base_mixed[:-1][real]) and int(out[-1, mixed.last[-1]].argmax()) == _first(lm, EIFFEL)
+    assert torch.equal(_logits(lm, OUT_OF_SCOPE), base)
+
+
+def test_melo_block_is_the_references_slice_of_a_big_lora(gpt2):
+    """Initialised as r_b = 2 ranks of a rank-700 LoRA (A ~ U(±1/√700), B = 0), scaled by 350, and where
+    routed it adds exactly 350·B A x at the adapted layers' MLP outputs."""
+    lm = gpt2
+    hp = MELOHparams()
+    assert (hp.rank_per_block, hp.num_block, hp.init_radius, hp.n_iter, hp.edit_lr, hp.lr_step, hp.lr_gamma,
+            hp.expand) == (2, 350, 0.5, 50, 1e-3, 20, 0.5, "moving_average")
+    e0 = melo(EIFFEL, model=lm, layer=0, n_iter=1, edit_lr=1e-30, runtime=edit.Runtime(check_efficacy=False))
+    (a0,) = e0.hook_modules[0].adapters
+    bound = 1 / math.sqrt(700)
+    assert a0.A.abs().max() <= bound and a0.A.abs().max() > 0.9 * bound and a0.B.abs().max() < 1e-25
+    e = melo(EIFFEL, model=lm, layer=0, n_iter=10, runtime=edit.Runtime(check_efficacy=False))
+    (b,) = e.hook_modules
+    (a,) = b.adapters
+    saved = {}
+
+    def route(q, hook):
+        saved["on"] = b.route(q)
+        return q
+
+    def read(x, hook):
+        saved["x"] = x
+        return x
+
+    def add(y, hook):
+        d = (saved["x"] @ a.A.T) @ a.B.T * 350.0
+        return torch.where(saved["on"][..., None], y + d, y)
+
+    with torch.no_grad(), lm.hooks([(b.key_hook, route), (lm.hook_mlp_key(0), read), (lm.hook_mlp_out(0), add)]):
+        by_hand = _logits(lm, [EIFFEL.rendered])
+    assert bool(saved["on"].any())
+    with edit.applied(lm, e):
+        assert torch.equal(_logits(lm, [EIFFEL.rendered]), by_hand)
+
+
+def test_melo_sequential_conflict_gets_half_the_distance(gpt2):
+    lm = gpt2
+    big = 100.0  # wider than the key distances here, so the second key is within reach of the first ball
+    first = melo(EIFFEL, model=lm, layer=1, init_radius=big, n_iter=10)
+    with edit.applied(lm, first):
+        second = melo(PIANO, model=lm, layer=1, init_radius=big, n_iter=10)
+        (b1,), (b2,) = first.hook_modules, second.hook_modules
+        d = float((b1.router.keys[0].double() - b2.router.keys[0].double()).norm())
+        assert 0 < d <= 2 * big and second.metrics["events"] == ["conflict_older"] and second.metrics["n_older_keys"] == 1
+        assert float(b2.router.radii[0]) == pytest.approx(min(big, d / 2), rel=1e-6)
+    with pytest.raises(InvalidHparamsError):
+        melo(EIFFEL, model=lm, layer=0, key_layer=1)  # the key must be read before the block acts
+    with pytest.raises(InvalidHparamsError):
+        melo(EIFFEL, model=lm, layer=0, expand="grow")
+    m = edit.get_method("melo")
+    assert m.batched and m.layers == 2 and m.smoke == {"n_iter": 5}
