@@ -166,3 +166,27 @@ def test_every_method_is_documented():
         assert description and name == name.lower()
         assert m.compute_fn.__doc__, f"{name}'s compute function has no docstring"
         assert m.hparams.__doc__, f"{name}'s hyperparameters have no docstring"
+
+
+_HALF: dict = {}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_method_in_half_precision(name, dtype, runtime, tokenizer):
+    """On a bf16 or fp16 model (the Llama tiny architecture) every method computes a finite edit whose
+    weight deltas are stored in the dtype of the weight they change, changes the request's output, and
+    reverts bit-exactly in that dtype."""
+    if dtype not in _HALF:
+        _HALF[dtype] = tiny_model("llama", tokenizer, dtype=dtype)
+    lm = _HALF[dtype]
+    state, base = _state(lm), _outputs(lm)
+    e = _compute(name, lm, runtime)
+    for d in e.deltas:
+        assert d.matrix().dtype == lm.parameter(d.name).dtype == dtype
+    assert _same_state(lm, state)
+    with edit.applied(lm, e):
+        edited = _outputs(lm)
+    assert all(torch.isfinite(x).all() for x in edited)
+    assert not torch.equal(edited[0], base[0]), f"{name} did not change the output for its request in {dtype}"
+    assert _same_state(lm, state) and _same_outputs(_outputs(lm), base)

@@ -240,7 +240,11 @@ def fine_tune_edit(lm, requests: list[Request], hp: _FineTuneHparams, rt: Runtim
         with lm.eval_mode():
             for _, p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.Adam([p for _, p in params], lr=hp.lr, weight_decay=hp.weight_decay)
+            # Half-precision weights (fp16/bf16) train through float32 master copies (mixed precision):
+            # Adam's second moment and ε underflow in fp16. Float32/64 weights are trained in place.
+            master = {name: (p if p.dtype in (torch.float32, torch.float64) else
+                             p.detach().float().clone().requires_grad_(True)) for name, p in params}
+            opt = torch.optim.Adam(list(master.values()), lr=hp.lr, weight_decay=hp.weight_decay)
             for epoch in range(hp.steps):
                 total, count = 0.0, 0
                 for chunk in _chunks(rows, hp.batch_size):
@@ -251,11 +255,19 @@ def fine_tune_edit(lm, requests: list[Request], hp: _FineTuneHparams, rt: Runtim
                     total, count = total + loss.item() * len(chunk), count + len(chunk)
                     if loss.item() >= hp.stop_loss:
                         loss.backward()
+                        for name, p in params:
+                            if master[name] is not p:
+                                master[name].grad = p.grad.float()
+                                p.grad = None
                         opt.step()
                     with torch.no_grad():  # (3): back into the L∞ ball around P0
                         for name, p in params:
+                            m = master[name]
                             if radii[name] is not None:
-                                p.copy_(torch.clamp(p, start[name] - radii[name], start[name] + radii[name]))
+                                m.copy_(torch.clamp(m, start[name].to(m.dtype) - radii[name],
+                                                    start[name].to(m.dtype) + radii[name]))
+                            if m is not p:
+                                p.copy_(m.to(p.dtype))
                 trace.append(total / count)
                 if rt.callback is not None:
                     rt.callback({"method": method, "epoch": epoch, "loss": trace[-1]})
