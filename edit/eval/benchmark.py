@@ -91,7 +91,7 @@ from ..stats import token_stream
 from .datasets import (Case, DatasetNotFoundError, Probe, find_data_dir, load_counterfact, load_counterfact_distracting_neighbor,
                        load_counterfact_easyedit, load_counterfact_other_attribution, load_counterfact_subject_replace,
                        load_knowedit, load_piqa, load_zsre, load_zsre_inverse_relation, load_zsre_subject_replace)
-from .harness import NONE, Measure, _describe_hparams, _requests, _statistics_of, _Store
+from .harness import NONE, Measure, _describe_hparams, _requests, _statistics_of, _Store, saved_edits
 from .metrics import aggregate, choice_accuracy, perplexity, reference_predictions, score_case
 from .sequential import sequential
 
@@ -316,26 +316,10 @@ def _run_sequential(t: Task, m, method: str, cases: list[Case], hp, rt: Runtime,
     every case edited so far is scored, with general ability (also before any edit). Each case's
     edits are saved under ``edits/`` and re-applied on resume, as the harness's sequential mode does."""
     lm = ctx.lm
-    edit_dir = None if store.dir is None else store.dir / "edits"
     refs = {c.case_id: reference_predictions(lm, c) for c in cases if c.locality}
     if "general/0" not in store.done:
         store.add({"key": "general/0", "n_edits": 0, **_general(ctx, [])})
-
-    def replay(b):
-        saved = None if edit_dir is None else edit_dir / f"{b:05d}"
-        if saved is None or f"cost/{cases[b].case_id}" not in store.done or not saved.is_dir():
-            return None
-        return [Edit.load(p, lm) for p in sorted(saved.glob("*.safetensors"))]
-
-    def on_batch(b, new, seconds):
-        if edit_dir is not None:
-            saved = edit_dir / f"{b:05d}"
-            saved.mkdir(parents=True, exist_ok=True)
-            for j, e in enumerate(new):
-                e.save(saved / f"{j:02d}.safetensors")
-        store.add({"key": f"cost/{cases[b].case_id}", "case_id": cases[b].case_id, "cost": True,
-                   "edit_seconds": seconds / len(cases[b].requests) if new else None,
-                   "edit_kinds": sorted({k for e in new for k in e.kinds})})
+    replay, on_batch = saved_edits(store, cases, lm, lambda new: {"edit_kinds": sorted({k for e in new for k in e.kinds})})
 
     def score(lm_, run):
         n = run.n_batches

@@ -395,14 +395,12 @@ def _statistics_of(edits) -> list[str]:
     return sorted(out)
 
 
-def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress,
-                     ppl_tokens=None):
-    """Edits accumulate case after case (through :func:`edit.eval.sequential.sequential`, each case's
-    requests one batch); at each checkpoint every case edited so far is scored. With an output
-    directory each case's edits are saved and re-applied on resume."""
+def saved_edits(store: "_Store", cases: Sequence[Case], lm, cost_fields: Callable[[list[Edit]], dict]):
+    """``(replay, on_batch)`` for :func:`edit.eval.sequential.sequential` over ``cases`` (one batch per
+    case): each case's edits are saved under ``store.dir/edits/<case index>/`` with a ``cost/<case_id>``
+    record (its edit seconds per request, plus ``cost_fields(new edits)``), and on resume a case whose
+    record and edits are stored is re-applied instead of recomputed. Without a directory nothing is saved."""
     edit_dir = None if store.dir is None else store.dir / "edits"
-    records: list[dict] = []
-    curve: dict[int, dict] = {}
 
     def replay(b):
         saved = None if edit_dir is None else edit_dir / f"{b:05d}"
@@ -417,7 +415,19 @@ def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, wit
             for j, e in enumerate(new):
                 e.save(saved / f"{j:02d}.safetensors")
         store.add({"key": f"cost/{cases[b].case_id}", "case_id": cases[b].case_id, "cost": True,
-                   "edit_seconds": seconds / len(cases[b].requests) if new else None, "peak_memory_mb": None})
+                   "edit_seconds": seconds / len(cases[b].requests) if new else None, **cost_fields(new)})
+
+    return replay, on_batch
+
+
+def _sequential_mode(m, method, cases, lm, hp, rt, store, checkpoints, refs, with_fluency, score_kw, progress,
+                     ppl_tokens=None):
+    """Edits accumulate case after case (through :func:`edit.eval.sequential.sequential`, each case's
+    requests one batch); at each checkpoint every case edited so far is scored. With an output
+    directory each case's edits are saved and re-applied on resume."""
+    records: list[dict] = []
+    curve: dict[int, dict] = {}
+    replay, on_batch = saved_edits(store, cases, lm, lambda new: {"peak_memory_mb": None})
 
     def ppl(n) -> float | None:
         if ppl_tokens is None:
