@@ -50,6 +50,7 @@ class LayerProfile:
     known_match: str = ""  # which facts counted as known
     noise_level: float = float("nan")
     noise_source: str = ""
+    method: str = "fast"  # trace's method: "fast" (exact) or "attribution" (first-order estimate)
 
     def best_layer(self) -> int:
         return int(np.argmax(self.aie))
@@ -86,14 +87,15 @@ def _digest(d: dict) -> str:
 
 def layer_profile(model=None, *, facts=None, n: int | None = 15, samples: int = 3, window: int | None = None,
                   seed: int = 0, noise="auto", known_match: str = "answer", cache: bool = True,
-                  progress: bool = False) -> LayerProfile:
+                  progress: bool = False, method: str = "fast") -> LayerProfile:
     """MLP AIE per layer at the last subject token over known facts (see the module docstring).
 
     ``facts``: a list of {"prompt", "subject", "attribute"} dicts or a JSON path (default: the
     packaged calibration set). ``n``: use the first ``n`` facts; those the model does not know
     (``known_match``, as :func:`locate.causal_trace.trace_many`) are skipped. ``noise``: as
     :func:`locate.trace`, resolved once; its value is part of the cache key. ``window``: as
-    :func:`locate.trace` (default: the reference's 10, or n_layers on a smaller model).
+    :func:`locate.trace` (default: the reference's 10, or n_layers on a smaller model). ``method``: as
+    :func:`locate.trace`; ``"attribution"`` averages first-order estimates (cached apart from exact profiles).
     """
 
     lm = resolve_model(model)
@@ -106,7 +108,8 @@ def layer_profile(model=None, *, facts=None, n: int | None = 15, samples: int = 
         fact_list = fact_list[:n]
     nl = noise_level(lm, noise)
     settings = _digest({"facts": fact_list, "samples": samples, "window": window, "seed": seed,
-                        "known_match": known_match, "noise_level": nl.nu})
+                        "known_match": known_match, "noise_level": nl.nu,
+                        **({} if method == "fast" else {"method": method})})  # exact profiles keep their keys
     model_key = derived_cache_key(lm)  # the model as it is now: applied edits change it
     key = {"model": model_key, "settings": settings, "n_layers": lm.n_layers}
     path = cache_dir() / "calibration" / f"{model_key}-{settings[:12]}.json"
@@ -120,13 +123,13 @@ def layer_profile(model=None, *, facts=None, n: int | None = 15, samples: int = 
         if not _is_known(lm, f["prompt"], f["attribute"], logits, known_match):
             continue
         tr = trace(f["prompt"], f["subject"], model=lm, kinds=("mlp",), samples=samples, window=window,
-                   seed=seed, noise=nl, tokens=["last_subject"], progress=False)
+                   seed=seed, noise=nl, tokens=["last_subject"], progress=False, method=method)
         total += tr.ie("mlp")[tr.token_index("last_subject")]
         count += 1
     aie = total / max(count, 1)
     prof = LayerProfile(aie=aie, n_facts=count, source=source, model=lm.name, fingerprint=lm.state_fingerprint,
                         samples=samples, trace_window=window, known_match=known_match, noise_level=nl.nu,
-                        noise_source=nl.source)
+                        noise_source=nl.source, method=method)
     if cache:
         write_cached(path, CACHE_FORMAT, key, body=prof.to_dict())
     return prof

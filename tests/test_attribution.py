@@ -191,3 +191,22 @@ def test_trace_many_passes_the_method_and_keeps_records_apart(gpt2_4, tmp_path):
     again = trace_many(facts, method="attribution", **kw)  # resumed from the record, nothing appended
     assert len(path.read_text().splitlines()) == 2
     np.testing.assert_array_equal(again.array("mlp"), approx.array("mlp"))
+
+
+def test_layer_profile_by_attribution_is_cached_apart(tokenizer, tmp_path, monkeypatch):
+    """layer_profile(method="attribution") averages first-order estimates, records the method, and is
+    cached apart from the exact profile (neither is read back as the other)."""
+    import locate
+
+    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
+    lm = tiny_model("llama", tokenizer, n_layers=3)
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    top = lm.tokenizer.decode([int(lm.last_logits([prompt])[0].argmax())]).strip()
+    facts = [{"prompt": prompt, "subject": subject, "attribute": top}]
+    exact = locate.layer_profile(lm, facts=facts, samples=2)
+    approx = locate.layer_profile(lm, facts=facts, samples=2, method="attribution")
+    assert exact.method == "fast" and approx.method == "attribution" and approx.n_facts == 1
+    assert "(cached)" not in approx.source and not np.allclose(approx.aie, exact.aie, rtol=1e-3, atol=0)
+    again = locate.layer_profile(lm, facts=facts, samples=2, method="attribution")
+    assert "(cached)" in again.source and np.allclose(again.aie, approx.aie, rtol=1e-9, atol=0) and again.method == "attribution"
+    assert np.allclose(locate.layer_profile(lm, facts=facts, samples=2).aie, exact.aie, rtol=1e-9, atol=0)
