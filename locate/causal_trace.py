@@ -98,17 +98,21 @@ class TraceError(LocateEditError, ValueError):
     index outside the prompt or an unknown token name...)."""
 
 
-def token_names(span: tuple[int, int], n_tokens: int) -> dict[str, int]:
-    """The named token rows of a prompt of ``n_tokens`` tokens whose subject is ``span``."""
-    return {"first_subject": span[0], "last_subject": span[1] - 1, "first_subsequent": span[1],
-            "last": n_tokens - 1}
+def token_names(span: tuple[int, int], n_tokens: int, corrupted: tuple[int, int] | None = None) -> dict[str, int]:
+    """The named token rows of a prompt of ``n_tokens`` tokens whose subject is ``span``; with a
+    ``corrupted`` span (``trace(corrupt=...)``) also ``first_corrupted`` and ``last_corrupted``."""
+    named = {"first_subject": span[0], "last_subject": span[1] - 1, "first_subsequent": span[1],
+             "last": n_tokens - 1}
+    if corrupted is not None:
+        named.update(first_corrupted=corrupted[0], last_corrupted=corrupted[1] - 1)
+    return named
 
 
-def check_token(token, span: tuple[int, int], n_tokens: int) -> int:
+def check_token(token, span: tuple[int, int], n_tokens: int, corrupted: tuple[int, int] | None = None) -> int:
     """The row index of ``token`` (an index in ``0..n_tokens-1`` or a name of :func:`token_names`), or
     :class:`TraceError` naming the valid range and names. A negative index is refused rather than read
     from the end: -1 would be the last row, not "before the subject"."""
-    named = token_names(span, n_tokens)
+    named = token_names(span, n_tokens, corrupted)
     if isinstance(token, str):
         if token not in named:
             raise TraceError(f"unknown token name {token!r}; the names are {sorted(named)}")
@@ -160,6 +164,7 @@ class CausalTrace:
     method: str = "fast"
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)
+    corrupted_range: tuple[int, int] | None = None  # the noised span when trace(corrupt=...) named one
 
     @property
     def te(self) -> float:
@@ -178,7 +183,7 @@ class CausalTrace:
 
     def token_index(self, token: str | int) -> int:
         """The row of ``token``: an index ``0..len(tokens)-1`` or a name (see :func:`check_token`)."""
-        return check_token(token, self.subject_range, len(self.tokens))
+        return check_token(token, self.subject_range, len(self.tokens), self.corrupted_range)
 
     def best_layer(self, kind: str = "mlp", token: str | int = "last_subject") -> int:
         """The layer with the largest indirect effect of ``kind`` at ``token``."""
@@ -205,6 +210,10 @@ class CausalTrace:
         d["scores"] = {k: v.tolist() for k, v in self.scores.items()}
         d["subject_range"] = list(self.subject_range)
         d["kinds"] = list(self.kinds)
+        if self.corrupted_range is None:
+            del d["corrupted_range"]  # records of subject traces stay as they were
+        else:
+            d["corrupted_range"] = list(self.corrupted_range)
         return d
 
     @classmethod
@@ -213,6 +222,8 @@ class CausalTrace:
         d["scores"] = {k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}
         d["subject_range"] = tuple(d["subject_range"])
         d["kinds"] = tuple(d["kinds"])
+        if d.get("corrupted_range") is not None:
+            d["corrupted_range"] = tuple(d["corrupted_range"])
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
@@ -440,7 +451,8 @@ def resolve_window(window: int | None, n_layers: int) -> int:
 def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=None,
           kinds: Sequence[str] = KINDS, samples: int = 10, noise="auto", uniform_noise: bool = False,
           window: int | None = None, seed: int = 0, method: str = "fast", batch_size: int = 256,
-          tokens: Sequence[int | str] | None = None, progress: bool | None = None) -> CausalTrace:
+          tokens: Sequence[int | str] | None = None, progress: bool | None = None,
+          corrupt: str | None = None) -> CausalTrace:
     """Causally trace ``prompt``'s answer through ``subject`` (see the module docstring).
 
     ``target``: an answer token (string of one token, or an id) instead of the clean top-1.
@@ -460,6 +472,10 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     :class:`TraceError`. Fast and attribution paths only.
     ``progress``: a progress bar; ``None`` (default) shows one for prompts longer than
     ``PROGRESS_MIN_TOKENS`` (256) tokens.
+    ``corrupt``: a substring of ``prompt`` whose tokens get the noise instead of the subject's (e.g.
+    the verb or object, as MEMIT-CSK traces them); ``None`` (default) noises the subject. Its span is
+    recorded as ``corrupted_range`` and its rows are named ``"first_corrupted"``/``"last_corrupted"``
+    (for ``tokens=`` and :meth:`CausalTrace.token_index`); the subject still names the subject rows.
     """
 
     lm = resolve_model(model)
@@ -477,12 +493,16 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
         raise TraceError(f"prompt and subject must be strings, got {type(prompt).__name__} and "
                          f"{type(subject).__name__}")
     span = lm.subject_span(prompt, subject)  # raises SubjectNotFoundError
+    if corrupt is not None and not isinstance(corrupt, str):
+        raise TraceError(f"corrupt must be a substring of the prompt (str) or None, got {type(corrupt).__name__}")
+    corrupted = None if corrupt is None else tuple(lm.subject_span(prompt, corrupt))
+    noised = span if corrupted is None else corrupted  # the tokens that get the noise
     ids = lm.encode(prompt)
     rows = None
     if tokens is not None:
         if isinstance(tokens, (str, int, np.integer)):
             tokens = [tokens]
-        rows = [check_token(t, span, len(ids)) for t in tokens]
+        rows = [check_token(t, span, len(ids), corrupted) for t in tokens]
         if not rows:
             raise TraceError("tokens= is empty: name at least one token row to trace (or pass None for all)")
     if progress is None:
@@ -492,23 +512,23 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
     clean_logits, _ = clean_states(lm, ids, [])
     answer_id = resolve_answer(lm, prompt, target, clean_logits)
     p_clean = float(clean_logits.float().softmax(-1)[answer_id])
-    eps = draw_noise(samples, span[1] - span[0], lm.d_model, level, seed=seed, uniform=uniform_noise)
+    eps = draw_noise(samples, noised[1] - noised[0], lm.d_model, level, seed=seed, uniform=uniform_noise)
     if not bool(torch.isfinite(eps.to(lm.dtype)).all()):
         raise TraceError(f"noise level {level:g} overflows the model's {lm.dtype}: the corrupted embeddings "
                          "would not be finite")
     timing = {}
     if method == "loop":
-        p_corrupted = restored_probability(lm, ids, span, eps, answer_id, (), {})
+        p_corrupted = restored_probability(lm, ids, noised, eps, answer_id, (), {})
         scores = {}
         for kind in kinds:
             tk = time.perf_counter()
-            scores[kind] = loop_scores(lm, ids, span, eps, answer_id, kind, window, progress=progress)
+            scores[kind] = loop_scores(lm, ids, noised, eps, answer_id, kind, window, progress=progress)
             timing[kind] = time.perf_counter() - tk
     elif method in ATTRIBUTION_METHODS:
-        p_corrupted, scores, timing = attribution_scores(lm, ids, span, eps, answer_id, kinds, window, tokens=rows,
+        p_corrupted, scores, timing = attribution_scores(lm, ids, noised, eps, answer_id, kinds, window, tokens=rows,
                                                          batch_size=batch_size)
     else:
-        p_corrupted, scores, timing = fast_scores(lm, ids, span, eps, answer_id, kinds, window, tokens=rows,
+        p_corrupted, scores, timing = fast_scores(lm, ids, noised, eps, answer_id, kinds, window, tokens=rows,
                                                   batch_size=batch_size, progress=progress)
     traced = list(range(len(ids))) if rows is None else rows
     if not all(math.isfinite(p) for p in (p_clean, p_corrupted)) or \
@@ -523,7 +543,7 @@ def trace(prompt: str, subject: str, *, model: HookedLM | None = None, target=No
         p_corrupted=p_corrupted, scores=scores, kinds=kinds, window=window, samples=samples, seed=seed,
         noise_level=level, noise_kind="uniform" if uniform_noise else "gaussian", noise_source=source,
         model=lm.name, fingerprint=lm.state_fingerprint, method=method, seconds=time.perf_counter() - t0,
-        timing=timing)
+        timing=timing, corrupted_range=corrupted)
 
 
 # ====================================================================== average indirect effects
