@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,9 +29,12 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory
 from importlib.metadata import version
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import CacheCorruptedError, InvalidArgumentError, LocateEditWarning, ModelNotFoundError, UnsupportedArchitectureError
 
@@ -274,8 +278,6 @@ def _build_default_cache(target: Path) -> None:
 
 
 def _write_default_cache(tmp: Path, gguf: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain float32; drop the GGUF marker so that reloading reads safetensors.
@@ -285,8 +287,6 @@ def _write_default_cache(tmp: Path, gguf: Path) -> None:
     model.config.save_pretrained(tmp)
     # transformers refuses save_pretrained on a GGUF-loaded model, so write the tensors ourselves
     # (the tied lm_head is re-tied on load).
-    from safetensors.torch import save_file
-
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()
                if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -294,10 +294,109 @@ def _write_default_cache(tmp: Path, gguf: Path) -> None:
     write_manifest(tmp, {"model": DEFAULT_MODEL, "source": f"{DEFAULT_WHEEL}:{DEFAULT_GGUF}"})
 
 
-def load_default_hf(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Return ``(hf_model, tokenizer, LoadReport)`` for the embedded default model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# --------------------------------------------------------------------------- placement across devices
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
+
+def _is_gpu(device) -> bool:
+    """An accelerator target of a device map: an int (a CUDA/XPU index) or a "cuda:…"-style string."""
+    if isinstance(device, torch.device):
+        return device.type not in ("cpu", "meta", "disk")
+    if isinstance(device, int):
+        return True
+    return isinstance(device, str) and device.lower() not in ("cpu", "disk", "meta")
+
+
+def _check_plan(plan: dict) -> dict:
+    """``plan`` (module name -> device) if every target holds real, editable weights, else
+    :class:`InvalidArgumentError`: "disk" and "meta" keep a weight off any device (an edit has nothing to
+    write into)."""
+    if not isinstance(plan, dict) or not plan:
+        raise InvalidArgumentError(f"a device map must be a non-empty dict of module name -> device, got {plan!r}")
+    bad = sorted({str(v) for v in plan.values() if str(v).lower() in ("disk", "meta")})
+    if bad:
+        raise InvalidArgumentError(
+            f"device map targets {bad} keep weights off every device; edits write into the weights, so every "
+            "module must sit on a real device (a GPU index or 'cpu'). Give max_memory enough CPU memory instead.")
+    return dict(plan)
+
+
+def device_plan(source: str, dtype: torch.dtype, device_map, max_memory: dict | None = None) -> dict:
+    """The explicit module -> device map that ``device_map`` means for the model at ``source``.
+
+    A dict is checked and returned. A strategy name is resolved as transformers resolves it, on an
+    empty (meta) copy of the model built from its config, through accelerate: "auto" and "balanced"
+    spread the blocks evenly over the GPUs, "balanced_low_0" keeps GPU 0 light, "sequential" fills
+    GPU 0 first; ``max_memory`` ({0: "2GiB", "cpu": "30GiB"}) caps each device, and what does not fit
+    on the GPUs goes to the CPU. Blocks are never split (the model's ``_no_split_modules``)."""
+    if isinstance(device_map, dict):
+        return _check_plan(device_map)
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        raise InvalidArgumentError(
+            f"device_map must be a dict or one of {DEVICE_MAP_STRATEGIES}, got {device_map!r}")
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    empty.tie_weights()
+    no_split = list(getattr(empty, "_no_split_modules", None) or [])
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(empty, max_memory=max_memory, no_split_module_classes=no_split,
+                                         dtype=dtype, low_zero=device_map == "balanced_low_0")
+    plan = infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    return _check_plan(plan)
+
+
+def dispatch_resident(model, plan: dict):
+    """Dispatch an in-memory ``model`` by ``plan`` (module name -> device) with accelerate, every module
+    resident on and run on its own device (the CPU is the main device, so CPU blocks run on the CPU
+    instead of being offloaded to a GPU). accelerate's hooks move each module's inputs to its device;
+    they are attached even when ``plan`` names one device, so the multi-device code path can run on a
+    machine with one."""
+    # accelerate logs "Some parameters are on the meta device because they were offloaded to the cpu" for
+    # every map that names the CPU, offloaded or not; here nothing is (HookedLM.from_hf checks), so it is muted
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return dispatch_model(model, device_map=_check_plan(plan), main_device="cpu", skip_keys="past_key_values",
+                              force_hooks=True)
+    finally:
+        log.setLevel(level)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, device, device_map, max_memory):
+    """Load the weights at ``source`` onto ``device``, or across devices by ``device_map``.
+
+    With a map, every module is placed *and runs* where the map says, with its weights resident there:
+
+    * a map whose targets are all GPUs, or all the CPU, goes through transformers' own loading
+      (``from_pretrained(device_map=...)``, weights streamed straight to their devices);
+    * a map that mixes GPUs and the CPU is loaded on the CPU first, then dispatched by accelerate with
+      the CPU as the main device. Left to transformers, the CPU blocks of such a map are *offloaded*
+      (weights parked in CPU RAM and copied to GPU 0 for each forward, the module's own parameters
+      replaced by meta tensors), so an edit would write into nothing. Costs the model's size in CPU RAM
+      once, while loading."""
+    if device_map is None:
+        if max_memory is not None:
+            raise InvalidArgumentError("max_memory caps the devices of a device_map; give device_map too")
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    if device is not None:
+        raise InvalidArgumentError("give either device or device_map, not both")
+    if isinstance(device_map, dict) and max_memory is not None:
+        raise InvalidArgumentError("max_memory is for a device_map strategy ('auto', ...); an explicit map places every module itself")
+    plan = device_plan(source, dtype, device_map, max_memory)
+    targets = list(plan.values())
+    if any(_is_gpu(t) for t in targets) and not all(_is_gpu(t) for t in targets):
+        model = dispatch_resident(AutoModelForCausalLM.from_pretrained(source, dtype=dtype), plan)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=plan)
+    return model.eval()
+
+
+def load_default_hf(dtype: torch.dtype = torch.float32, device: str | torch.device | None = "cpu", *,
+                    device_map: str | dict | None = None, max_memory: dict | None = None):
+    """Return ``(hf_model, tokenizer, LoadReport)`` for the embedded default model (placement as in
+    :func:`load_hf`)."""
     t0 = time.perf_counter()
     target = default_model_cache()
     rebuilt_because = None
@@ -312,24 +411,32 @@ def load_default_hf(dtype: torch.dtype = torch.float32, device: str | torch.devi
         target.parent.mkdir(parents=True, exist_ok=True)
         _build_default_cache(target)
         source = "gguf"
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+    model = _from_pretrained(str(target), dtype, device, device_map, max_memory)
     tok = AutoTokenizer.from_pretrained(target)
     report = LoadReport(DEFAULT_MODEL, source, time.perf_counter() - t0, str(target), rebuilt_because)
     return model, tok, report
 
 
-def load_hf(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Return ``(hf_model, tokenizer, LoadReport)`` for a Hub name or a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hf(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = "cpu", *,
+            device_map: str | dict | None = None, max_memory: dict | None = None):
+    """Return ``(hf_model, tokenizer, LoadReport)`` for a Hub name or a local directory.
 
+    ``device`` puts the whole model on one device. ``device_map`` (with ``device=None``) spreads it:
+    a strategy name ("auto", "balanced", "balanced_low_0", "sequential"; ``max_memory`` caps each
+    device) or an explicit ``{module name: device}`` dict, as in transformers. Every module's weights
+    are resident on the device it runs on (see :func:`_from_pretrained`); "disk" and "meta" targets
+    are refused (:class:`InvalidArgumentError`)."""
     t0 = time.perf_counter()
     local = Path(name_or_path).expanduser()
     looks_local = local.exists() or name_or_path.startswith((".", "/", "~"))
     if looks_local and not (local / "config.json").is_file():
         raise ModelNotFoundError(f"{local} is not a Hugging Face model directory (no config.json)")
+    source = str(local) if looks_local else name_or_path
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
+        model = _from_pretrained(source, dtype, device, device_map, max_memory)
+        tok = AutoTokenizer.from_pretrained(source)
+    except InvalidArgumentError:
+        raise
     except (OSError, ValueError) as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
             raise UnsupportedArchitectureError(f"transformers cannot load {name_or_path!r}: {e}") from e
@@ -339,5 +446,4 @@ def load_hf(name_or_path: str, dtype: torch.dtype = torch.float32, device: str |
             f"(`huggingface-cli download {name_or_path}`) or pass a local directory; with no argument, "
             f"load_model() uses the embedded default model {DEFAULT_MODEL}.\nCause: {type(e).__name__}: {e}"
         ) from e
-    model = model.to(device).eval()
     return model, tok, LoadReport(name_or_path, "hf", time.perf_counter() - t0)

