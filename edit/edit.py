@@ -330,9 +330,10 @@ class Edit:
                     raise NonFiniteEditError(f"refusing to apply {self!r}: {name} would not be finite in "
                                              f"{w.dtype} once the delta is added (overflow); the model is unchanged")
             for m in self.hook_modules:
-                m.to(lm.device)
+                home = _hook_device(lm, m.hook_points[0]) if m.hook_points else lm.device
+                m.to(home)  # on the device of the block it hooks (the first, if its hook points span devices)
                 for name, fn in m.hook_fns().items():
-                    handles.append(lm.bridge.hook_dict[name].register_forward_hook(_as_forward_hook(fn)))
+                    handles.append(lm.bridge.hook_dict[name].register_forward_hook(_as_forward_hook(fn, home)))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -448,9 +449,23 @@ class Edit:
         return e
 
 
-def _as_forward_hook(fn):
+def _hook_device(lm, hook_name: str) -> torch.device:
+    """The device whose activations a hook point sees: its block's, or the input device outside blocks."""
+    layer = _layer_of(hook_name)
+    return lm.device if layer is None else lm.layer_device(layer)
+
+
+def _as_forward_hook(fn, home: torch.device):
+    """``fn`` as a forward hook. An activation on another device than the hook module's (``home``: a
+    module whose hook points span blocks on several devices) is run through ``fn`` on ``home`` and the
+    result moved back; an ``fn`` that returns its argument still leaves the forward bit-identical."""
     def hook(module, inputs, output):
-        return fn(output)
+        if output.device == home:
+            return fn(output)
+        moved = output.to(home)
+        version = moved._version  # bumped by any in-place change fn makes
+        result = fn(moved)
+        return output if result is moved and moved._version == version else result.to(output.device)
     return hook
 
 

@@ -122,7 +122,7 @@ class KeyStats:
         x = x.squeeze(-1) if rhs.ndim == 1 else x
         if not torch.isfinite(x).all():
             raise SingularStatisticsError(f"solving C x = k at layer {self.layer} gave non-finite values")
-        return x
+        return x.to(k.device)  # where k came from (C may sit elsewhere: on the CPU when read from the cache)
 
 
 def check_enough_tokens(st: KeyStats) -> KeyStats:
@@ -335,13 +335,15 @@ def key_second_moments(model, layers: int | Sequence[int], *, corpus=None, n_tok
     if samples:
         source = f"model samples (asked for; {n_tokens} tokens sampled from {lm.name}, seed {seed})"
 
-    sums = {l: torch.zeros(lm.d_mlp, lm.d_mlp, dtype=torch.float64, device=lm.device) for l in todo}
+    # each layer's running sum on that layer's device (a model may be spread over several), in float64
+    sums = {l: torch.zeros(lm.d_mlp, lm.d_mlp, dtype=torch.float64, device=lm.layer_device(l)) for l in todo}
     windows = list(tokens.split(seq_len))
     rows_per_batch = max(1, batch_tokens // seq_len)
 
     def accumulate(site, k):
-        k = k.reshape(-1, k.shape[-1]).float()
-        sums[layer_of[site]].add_((k.T @ k).double())  # one batch in float32, the running sum in float64
+        total = sums[layer_of[site]]
+        k = k.reshape(-1, k.shape[-1]).to(device=total.device, dtype=torch.float32)
+        total.add_((k.T @ k).double())  # one batch in float32, the running sum in float64
 
     layer_of = {lm.hook_mlp_key(l): l for l in todo}
     bar = tqdm(total=n_tokens, desc=f"key statistics, layers {todo}", unit="tok", disable=not progress)

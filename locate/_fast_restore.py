@@ -155,6 +155,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
     L, T = lm.n_layers, len(ids)
     s0, s1 = span
     S = noise.shape[0]
+    noise = noise.to(lm.device)  # added at the embeddings, on the input device
     names = {state_hook(lm, k, l) for k in kinds for l in range(L)}
     _, clean = clean_states(lm, ids, names, keep_from=s0)  # clean[name][t - s0]: restorations start at s0
     logits, kv, resid_in = corrupted_run(lm, ids, span, noise)  # resid_in[j][:, t - s0]
@@ -183,8 +184,8 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
         rows_t = {n: torch.tensor(v, device=lm.device) for n, v in rows.items()}
 
         def patcher(name, t=t, rows_t=rows_t):
-            def patch(h, hook):
-                h[rows_t[name], 0] = clean[name][t - s0].to(h.dtype)
+            def patch(h, hook):  # h on its block's device (blocks may sit on several devices)
+                h[rows_t[name].to(h.device), 0] = clean[name][t - s0].to(device=h.device, dtype=h.dtype)
                 return h
             return patch
 
@@ -192,7 +193,7 @@ def fast_scores(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noise: 
         j0 = min(restored_layers(kind, l, window, L)[0] for kind, l in chunk)
         # blocks below j0 are the corrupted run's: skip them and feed block j0 its saved input
         # (j0 = 0: the embedding noise of the subject tokens still to run is added instead)
-        start = lm.start_at_block(j0, resid_in[j0][sample_idx, t - s0:]) if j0 > 0 else contextlib.nullcontext()
+        start = lm.start_at_block(j0, resid_in[j0][sample_idx.to(resid_in[j0].device), t - s0:]) if j0 > 0 else contextlib.nullcontext()
         if j0 == 0 and t < s1:
             eps = noise[sample_idx][:, t - s0:].to(lm.device)
 

@@ -108,10 +108,11 @@ def corrupted_terms(lm: HookedLM, ids: Sequence[int], span: tuple[int, int], noi
 
         def reader(name):
             def fn(h, hook):
-                diff = (clean[name][None].to(h.dtype) - h.detach()).double()  # a_clean - a_corr, (B, T, d)
+                # a_clean - a_corr, (B, T, d), on the device of the block that made h
+                diff = (clean[name][None].to(device=h.device, dtype=h.dtype) - h.detach()).double()
 
                 def on_grad(g, diff=diff):
-                    term[name].add_((diff * g.double()).sum(-1).sum(0))
+                    term[name].add_((diff * g.double()).sum(-1).sum(0).to(term[name].device))
                 h.register_hook(on_grad)
                 return h
             return fn

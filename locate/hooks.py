@@ -71,9 +71,10 @@ def capture_at(lm, rows: Sequence[Sequence[int]], positions: Sequence[int], site
     """The activation at ``site`` for each token row at its position, (len(rows), width); the forward
     stops at that hook point."""
     batch = lm.pad(rows)
-    idx = torch.arange(len(rows), device=lm.device)
-    pos = torch.as_tensor(list(positions), device=lm.device)
-    with capture(lm, site, keep=lambda s, x: x[idx, pos].clone()) as got:
+    idx = torch.arange(len(rows))
+    pos = torch.as_tensor(list(positions))
+    # x sits on the device of the block that made it (a model may be spread over several)
+    with capture(lm, site, keep=lambda s, x: x[idx.to(x.device), pos.to(x.device)].clone()) as got:
         lm.forward(batch)
     return got[site]
 

@@ -119,7 +119,7 @@ def _clean_run(lm, ids: list[int], layers: Sequence[int]):
     resid_sites = {lm.hook_resid_pre(l): l for l in range(lm.n_layers)}
     with capture(lm, [*key_sites, *resid_sites], keep=lambda name, a: a[0, -1].clone(), stop=False) as got:
         _, kv = prefix_cache(lm, torch.tensor([ids], device=lm.device))
-    keys = torch.stack([got[name] for name in key_sites]).to(lm.dtype)
+    keys = torch.stack([got[name].to(lm.device) for name in key_sites]).to(lm.dtype)  # layers may sit on several devices
     resid = {l: got[name] for name, l in resid_sites.items()}
     prefix = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv] if len(ids) > 1 else None
     return keys, resid, prefix
@@ -171,7 +171,7 @@ def attribution(lm, prompt: str, target: str, *, steps: int = 20, layers: Sequen
                 def make_hook(j):
                     def hook(act, hook):
                         act = act.clone()
-                        act[j * steps:(j + 1) * steps, -1] = scaled[j]
+                        act[j * steps:(j + 1) * steps, -1] = scaled[j].to(act.device)
                         return act
                     return hook
 
@@ -215,7 +215,7 @@ def attribution_loop(lm, prompt: str, target: str, *, steps: int = 20, layers: S
 
                     def hook(act, hook, w=w):
                         act = act.clone()
-                        act[0, -1] = w
+                        act[0, -1] = w.to(act.device)
                         return act
 
                     with lm.hooks([(lm.hook_mlp_key(l), hook)]):
@@ -454,8 +454,8 @@ def _scaled(neuron_set, factor: float, model=None, positions: str = "last"):
             raise IndexError(f"neuron index out of range for d_mlp={lm.d_mlp} at layer {l}")
     pos = slice(-1, None) if positions == "last" else slice(None)
 
-    def make(idx):
-        idx_t = torch.tensor(idx, device=lm.device)
+    def make(l, idx):
+        idx_t = torch.tensor(idx, device=lm.layer_device(l))
 
         def hook(act, hook):
             act = act.clone()
@@ -463,7 +463,7 @@ def _scaled(neuron_set, factor: float, model=None, positions: str = "last"):
             return act
         return hook
 
-    with lm.hooks([(lm.hook_mlp_key(l), make(idx)) for l, idx in groups.items()]):
+    with lm.hooks([(lm.hook_mlp_key(l), make(l, idx)) for l, idx in groups.items()]):
         yield lm
 
 

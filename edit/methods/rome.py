@@ -79,7 +79,9 @@ def rank_one_update(W: torch.Tensor, b: torch.Tensor | None, k: torch.Tensor, u:
                     v_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME eq. 2 in closed form: Λ = (v* − (W k + b)) / (uᵀ k), returning (Λ, uᵀ k).
     W' = W + Λ uᵀ then satisfies W' k + b = v*. Computed in float64."""
-    W, k, u, v_star = W.double(), k.double(), u.double(), v_star.double()
+    # on W's device: k, u and v* come from activations, which may sit on another device than this block
+    W = W.double()
+    k, u, v_star = (t.to(device=W.device, dtype=torch.float64) for t in (k, u, v_star))
     value = W @ k + (0 if b is None else b.double())
     denominator = u @ k
     return (v_star - value) / denominator, denominator
@@ -128,7 +130,7 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
     u = st.solve(k_star)
     W = lm.mlp_out_weight(layer)
     Lam, denominator = rank_one_update(W, lm.mlp_out_bias(layer), k_lambda, u, v_star)
-    left, right = Lam[:, None].to(W.dtype), u[None, :].to(W.dtype)
+    left, right = Lam[:, None].to(W.dtype), u[None, :].to(device=W.device, dtype=W.dtype)  # both on W's device
     # checked after the cast to W's dtype, on the factors, their product and the edited weight (as apply adds it):
     # float64 values that are finite can overflow in float16/bfloat16 at any of the three
     if not (torch.isfinite(left).all() and torch.isfinite(right).all() and torch.isfinite(W + left @ right).all()):
