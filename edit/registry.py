@@ -93,6 +93,7 @@ class EditMethod:
     description: str
     smoke: dict  # cheap hyperparameters for tests on tiny models (few optimisation steps)
     module: str
+    train: Callable[..., Any] | None = None  # methods with a trained editor: fn(lm, records, hp, **kw) (edit.training)
 
     def make_hparams(self, overrides: dict | None = None, base: Any = None):
         """The hyperparameter dataclass with ``overrides``; an unknown name is refused with the list."""
@@ -132,8 +133,13 @@ _REGISTRY: dict[str, EditMethod] = {}
 
 
 def register(name: str, hparams: type, *, batched: bool, layers: int | str | None, description: str,
-             smoke: dict | None = None) -> Callable:
-    """Decorator: register ``fn(lm, requests, hp, rt) -> Edit`` (unapplied) as method ``name``."""
+             smoke: dict | None = None, train: Callable | None = None) -> Callable:
+    """Decorator: register ``fn(lm, requests, hp, rt) -> Edit`` (unapplied) as method ``name``.
+
+    ``train``: for a method that edits with a trained editor (MEND, SERAC), the function that trains
+    it, ``train(lm, records, hp, *, steps=None, out=None, progress=True, resume=True) ->
+    edit.training.TrainedEditor`` (``records``: :class:`edit.training.TrainingRecord`); ``locate-edit
+    train METHOD`` calls it. ``None`` for every other method."""
     if name != name.lower() or not name:
         raise ValueError(f"method names are lower case, got {name!r}")
     if not dataclasses.is_dataclass(hparams):
@@ -144,7 +150,7 @@ def register(name: str, hparams: type, *, batched: bool, layers: int | str | Non
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].module != fn.__module__:
             raise ValueError(f"editing method {name!r} is already registered by {_REGISTRY[name].module}")
-        _REGISTRY[name] = EditMethod(name, hparams, fn, batched, layers, description, dict(smoke or {}), fn.__module__)
+        _REGISTRY[name] = EditMethod(name, hparams, fn, batched, layers, description, dict(smoke or {}), fn.__module__, train)
         return fn
     return deco
 

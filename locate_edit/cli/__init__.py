@@ -8,9 +8,9 @@ import sys
 
 from locate.errors import LocateEditError
 
-from . import benchmark_cmd, demo, edit_cmd, eval_cmd, info, methods_cmd, neurons_cmd, trace_cmd, trace_many_cmd
+from . import benchmark_cmd, demo, edit_cmd, eval_cmd, info, methods_cmd, neurons_cmd, trace_cmd, trace_many_cmd, train_cmd
 
-SUBCOMMANDS = (info, demo, trace_cmd, trace_many_cmd, neurons_cmd, methods_cmd, edit_cmd, eval_cmd, benchmark_cmd)
+SUBCOMMANDS = (info, demo, trace_cmd, trace_many_cmd, neurons_cmd, methods_cmd, edit_cmd, eval_cmd, benchmark_cmd, train_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
