@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from accelerate.utils import get_balanced_memory
+from accelerate.utils import find_tied_parameters, get_balanced_memory
 from importlib.metadata import version
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -346,6 +346,14 @@ def device_plan(source: str, dtype: torch.dtype, device_map, max_memory: dict | 
     return _check_plan(plan)
 
 
+def _device_of(param: str, plan: dict):
+    """The device ``plan`` gives the parameter ``param``: that of its longest mapped module prefix."""
+    best = max((m for m in plan if m == "" or param == m or param.startswith(m + ".")), key=len, default=None)
+    if best is None:
+        raise InvalidArgumentError(f"the device map places no module holding {param}")
+    return plan[best]
+
+
 def dispatch_resident(model, plan: dict):
     """Dispatch an in-memory ``model`` by ``plan`` (module name -> device) with accelerate, every module
     resident on and run on its own device (the CPU is the main device, so CPU blocks run on the CPU
@@ -354,11 +362,17 @@ def dispatch_resident(model, plan: dict):
     machine with one."""
     # accelerate logs "Some parameters are on the meta device because they were offloaded to the cpu" for
     # every map that names the CPU, offloaded or not; here nothing is (HookedLM.from_hf checks), so it is muted
+    plan = _check_plan(plan)
+    for group in find_tied_parameters(model):  # one tensor shared by modules that would run on two devices
+        where = {name: _device_of(name, plan) for name in group}
+        if len({str(d) for d in where.values()}) > 1:
+            raise InvalidArgumentError(f"tied parameters {where} are mapped to different devices; map the modules "
+                                       "that share them (e.g. the embedding and lm_head) to one device")
     log = logging.getLogger("accelerate.big_modeling")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return dispatch_model(model, device_map=_check_plan(plan), main_device="cpu", skip_keys="past_key_values",
+        return dispatch_model(model, device_map=plan, main_device="cpu", skip_keys="past_key_values",
                               force_hooks=True)
     finally:
         log.setLevel(level)

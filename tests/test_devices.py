@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from accelerate.utils import find_tied_parameters
 from transformers import AutoModelForCausalLM
 
 import edit
@@ -129,6 +130,11 @@ def test_load_model_refuses_bad_placement(saved):
         locate.load_model(str(saved), device_map=block_plan(hf), max_memory={"cpu": "1GiB"})
     with pytest.raises(InvalidArgumentError, match="disk"):
         locate.load_model(str(saved), device_map=block_plan(hf, lambda i: "disk" if i else "cpu"))
+    if find_tied_parameters(hf):  # GPT-2: lm_head shares the token embedding; apart, one of them would run elsewhere
+        plan = block_plan(hf)
+        plan["lm_head"] = 0
+        with pytest.raises(InvalidArgumentError, match="tied parameters"):
+            dispatch_resident(hf, plan)
 
 
 # ---------------------------------------------------------------------------------------- (b) on a GPU
