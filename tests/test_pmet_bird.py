@@ -4,7 +4,9 @@ PMET: the edit touches only the FFN output projections; the attention state is o
 the FFN state (so the FFN target differs from the FFN-only optimisation's); and each layer of the
 window is given the FFN residual divided by √(layers left), the reference's share (MEMIT's is 1/n).
 
-BIRD: see the second half of the file.
+BIRD: on the edited model, the subject's final representation lies closer to the new object plus the
+inverse relation (the reverse direction, o* + r⁻¹ ≈ s), and the whole bidirectional term is lower, than
+after plain ROME; with α → 0 BIRD is ROME; it refuses without the relation phrases or the old object.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import edit
 from edit import Request
 from edit.context import subject_keys, template_groups, templates_for
+from edit.methods.bird import MissingOldObjectError, MissingRelationError, phrase_means
 from locate.testing import tiny_model
 
 REQ = Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
@@ -128,3 +131,49 @@ def test_vstar_top1_rule_is_pmets(tokenizer):
     assert plain.final_loss[0] == pytest.approx(plain.final_nll[0], rel=1e-6)
     assert pmet.final_loss[0] == pytest.approx(0.1 * pmet.final_nll[0], rel=1e-5)
     assert (plain.steps, pmet.steps, stop.steps) == (3, 3, 1)
+
+
+# --------------------------------------------------------------------------- BIRD
+RELATIONS = {"relation": "is located in", "inverse_relation": "is the location of"}
+BIRD_COMMON = {"layers": [0], "v_steps": 10, **SMOKE}
+
+
+def _bidirectional(lm, templates) -> tuple[float, float]:
+    """On the model as it is: Σ_j ‖o*_j + r⁻¹_j − s_j‖ (the reverse distance) and the whole bracket of
+    L_BIRD, Σ_j ‖s+r−o*‖ + ‖o*+r⁻¹−s‖ − (‖s+r−o‖ + ‖o+r⁻¹−s‖) (β = 1), from the final hidden states."""
+    s, r, ri, o_new, o_old = (phrase_means(lm, templates, p) for p in
+                              ("The Eiffel Tower", RELATIONS["relation"], RELATIONS["inverse_relation"], "Rome", "Paris"))
+    reverse = (o_new + ri - s).norm(dim=-1)
+    term = (s + r - o_new).norm(dim=-1) + reverse - (s + r - o_old).norm(dim=-1) - (o_old + ri - s).norm(dim=-1)
+    return float(reverse.sum()), float(term.sum())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "gptj", "qwen2"])
+def test_bird_writes_the_reverse_direction(arch, tokenizer, runtime):
+    """After a BIRD edit the subject's representation is closer to o* + r⁻¹ (and the bidirectional term
+    lower) than after the ROME edit of the same fact; with α → 0 BIRD's v* is ROME's."""
+    lm = _tiny(arch, tokenizer, n_layers=2)
+    templates = templates_for(lm, runtime, SMOKE["template_lengths"])
+    rome = edit.compute("rome", [REQ], model=lm, runtime=runtime, **BIRD_COMMON)
+    bird = edit.compute("bird", [REQ], model=lm, runtime=runtime, alpha=0.1, **RELATIONS, **BIRD_COMMON)
+    as_rome = edit.compute("bird", [REQ], model=lm, runtime=runtime, alpha=1e-12, **RELATIONS, **BIRD_COMMON)
+    assert torch.allclose(as_rome.v_star, rome.v_star, rtol=1e-4, atol=1e-6)
+    with edit.applied(lm, rome):
+        rev_rome, term_rome = _bidirectional(lm, templates)
+    with edit.applied(lm, bird):
+        rev_bird, term_bird = _bidirectional(lm, templates)
+    assert rev_bird < rev_rome - 0.1
+    assert term_bird < term_rome - 0.5
+
+
+def test_bird_refuses_without_relations_or_old_object(tokenizer, runtime):
+    lm = _tiny("llama", tokenizer, n_layers=2)
+    state = _state(lm)
+    with pytest.raises(MissingRelationError, match="inverse_relation"):
+        edit.compute("bird", [REQ], model=lm, runtime=runtime, relation="is located in", **BIRD_COMMON)
+    no_old = Request(REQ.prompt, REQ.subject, REQ.target_new)
+    with pytest.raises(MissingOldObjectError, match="beta=0"):
+        edit.compute("bird", [no_old], model=lm, runtime=runtime, **RELATIONS, **BIRD_COMMON)
+    assert all(torch.equal(v, state[k]) for k, v in _state(lm).items())
+    e = edit.compute("bird", [no_old], model=lm, runtime=runtime, beta=0.0, **RELATIONS, **BIRD_COMMON)
+    assert e.deltas and e.method == "bird"
