@@ -24,6 +24,20 @@ With ``out``, per-case records are appended to ``out/records.jsonl`` as they are
 re-run with the same settings skips the cases already there (sequential runs also save each edit
 under ``out/edits/`` and re-apply them), so an interrupted run resumes. At the end ``results.json``
 and ``records.csv`` are written.
+
+Several processes
+-----------------
+Launched by ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1 in the environment), single and
+batch mode spread the work over the processes with ``torch.distributed``: rank r takes the edit groups
+(cases in single mode, batches in batch mode) r, r + W, r + 2W, ... of the W ranks, keeps its own
+resumable records in ``out/rank{r}/``, and after a barrier the records are gathered and merged in case
+order into the one :class:`Results` (the same, case for case, as one process gives, timings aside);
+rank 0 writes ``results.json`` and ``records.csv`` in ``out``. Every rank returns the merged results.
+The process group is the launcher's if it made one, else one is started from the environment (gloo
+for a model on the CPU, nccl on CUDA). Sequential mode edits one model case after case, so it cannot be
+split, and is refused under such a launch.
+
+    torchrun --nproc_per_node 4 --no-python -- locate-edit eval counterfact --method rome --n 1000 --out runs/cf1000
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from locate._io import read_json, write_json
@@ -271,6 +286,37 @@ def _edits(m: EditMethod | None, requests, lm, hp, rt) -> list[Edit]:
     return [] if m is None else write(m, requests, model=lm, hparams=hp, runtime=rt)
 
 
+def launch() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under ``torchrun`` / ``accelerate launch`` (read from the
+    ``RANK`` and ``WORLD_SIZE`` they set), ``(0, 1)`` when run on its own."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError as e:
+        raise InvalidArgumentError(f"WORLD_SIZE/RANK must be integers: {e}") from e
+    if world < 1 or not 0 <= rank < world:
+        raise InvalidArgumentError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world})")
+    return rank, world
+
+
+def _process_group(lm) -> None:
+    """Join the launch's process group: the launcher's own if it started one, else from the environment
+    (``MASTER_ADDR``/``MASTER_PORT``), on gloo for a model on the CPU and nccl for one on CUDA."""
+    if not dist.is_available():
+        raise LocateEditError("this launch has WORLD_SIZE > 1 but torch.distributed is not available")
+    if lm.device.type == "cuda":  # nccl's collectives and the memory measure use the current device: this rank's
+        torch.cuda.set_device(lm.device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if lm.device.type == "cuda" else "gloo")
+
+
+def _merge(mine: list[tuple[int, list[dict]]], world: int) -> list[dict]:
+    """Every rank's ``(group index, records)`` gathered after a barrier, as one list in group order."""
+    dist.barrier()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [rec for _, recs in sorted(g for part in gathered for g in part) for rec in recs]
+
+
 def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "single", hparams: dict | None = None,
              batch_size: int = 10, checkpoints: Sequence[int] | None = None, out: str | Path | None = None,
              resume: bool = True, fluency: bool | int = True, gen_length: int = 100, normalize: str = "sum",
@@ -295,6 +341,11 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
     answers); ``mquake`` holds its options (``few_shot``, ``match``, ``max_new_tokens``, ``relation_prompts``)."""
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    rank, world = launch()
+    if world > 1 and mode == "sequential":
+        raise InvalidArgumentError(
+            "sequential mode edits one model case after case, so it cannot be split over processes; run it "
+            f"in one process (this one is rank {rank} of a {world}-process torchrun/accelerate launch)")
     cases = list(cases)
     if not cases:
         raise InvalidArgumentError("no cases to evaluate")
@@ -325,7 +376,12 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         settings["checkpoints"] = checkpoints
         if perplexity_corpus is not None:
             settings["perplexity"] = {"corpus": str(perplexity_corpus), "tokens": perplexity_tokens}
-    store = _Store(out, settings, resume)
+    if world > 1:
+        _process_group(lm)
+        # each rank's records apart, under the settings of the whole run and its place in the launch
+        store = _Store(None if out is None else Path(out) / f"rank{rank}", {**settings, "shard": [rank, world]}, resume)
+    else:
+        store = _Store(out, settings, resume)
     if layers_reason:
         settings["layers_reason"] = layers_reason  # reported, not part of the resume key
     score_kw = dict(normalize=normalize, gen_length=gen_length, seed=seed, mquake=mquake or {})
@@ -335,23 +391,27 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
         return bool(fluency) if isinstance(fluency, bool) else position[id(c)] < fluency
 
     def bar(n, desc):
-        return tqdm(total=n, desc=desc, disable=not progress)
+        return tqdm(total=n, desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", disable=not progress)
 
+    # this process's edit groups: all of them, or under a launch of W processes every W-th from its rank
+    size = batch_size if mode == "batch" else 1
+    groups = list(enumerate(cases[i:i + size] for i in range(0, len(cases), size)))[rank::world]
+    mine = cases if mode == "sequential" else [c for _, g in groups for c in g]
     with lm.eval_mode():
         refs = {}
-        for c in cases:
+        for c in mine:
             if c.locality:  # the unedited model's predictions, the reference for Locality
                 refs[c.case_id] = reference_predictions(lm, c)
         records: list[dict] = []
         curve: dict[int, dict] = {}
         if mode in ("single", "batch"):
-            size = 1 if mode == "single" else batch_size
-            groups = [cases[i:i + size] for i in range(0, len(cases), size)]
-            with bar(len(cases), f"{method} {mode}") as pb:
-                for g in groups:
+            done: list[tuple[int, list[dict]]] = []  # (group index, its records)
+            with bar(len(mine), f"{method} {mode}") as pb:
+                for gi, g in groups:
                     keys = [f"{c.case_id}" for c in g]
                     if all(k in store.done for k in keys):
                         records += [store.done[k] for k in keys]
+                        done.append((gi, [store.done[k] for k in keys]))
                         pb.update(len(g))
                         continue
                     reqs = [r for c in g for r in _requests(c)]
@@ -373,6 +433,9 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                     finally:
                         for e in reversed(edits):
                             e.revert(lm)
+                    done.append((gi, records[-len(g):]))
+            if world > 1:
+                records = _merge(done, world)
             aggregates = aggregate(records)
         else:
             ppl_tokens = None if perplexity_corpus is None else token_stream(lm, perplexity_corpus, perplexity_tokens)[0]
@@ -380,9 +443,9 @@ def evaluate(method: str, cases: Sequence[Case], *, model=None, mode: str = "sin
                                               score_kw, progress, ppl_tokens)
             aggregates = curve[checkpoints[-1]] if checkpoints[-1] in curve else {}
     res = Results(method, mode, cases[0].dataset, lm.name, lm.state_fingerprint, settings, records, aggregates, curve)
-    if store.dir is not None:
-        res.save(store.dir / "results.json")
-        res.save_csv(store.dir / "records.csv")
+    if out is not None and rank == 0:
+        res.save(Path(out) / "results.json")
+        res.save_csv(Path(out) / "records.csv")
     return res
 
 

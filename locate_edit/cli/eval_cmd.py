@@ -5,15 +5,26 @@
     locate-edit eval counterfact --method rome --mode sequential --n 200 --out runs/seq/
     locate-edit eval counterfact --method memit --mode batch --batch-size 1,10,100 --n 100 --out runs/batch/
     locate-edit eval counterfact --method rome --sweep --n 50 --out runs/sweep/
+    torchrun --nproc_per_node 4 --no-python -- locate-edit eval counterfact --method rome --n 1000 --out runs/cf1000/
+
+Under ``torchrun`` / ``accelerate launch`` (single and batch mode) every process evaluates its share of
+the cases on its own GPU (``cuda:$LOCAL_RANK``, unless ``--device`` says otherwise) and rank 0 prints
+the merged table and draws the plots (see :mod:`edit.eval.harness`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 import viz
 from edit import get_method
 from edit.eval import LOADERS, NONE, evaluate, format_table, layer_sweep, load_dataset
+from edit.eval.harness import launch
+from locate.errors import InvalidArgumentError
 
 from .common import add_model_args, CORPUS_HELP, corpus_arg, existing_file, find_data_dir, load_model
 
@@ -23,6 +34,20 @@ def _ints(s: str | None) -> list[int] | None:
 
 
 def run(args) -> int:
+    rank, world = launch()
+    if world > 1 and (args.sweep or args.mode == "sequential"):
+        raise InvalidArgumentError(f"{'--sweep' if args.sweep else 'sequential mode'} runs in one process; launch "
+                                   "it without torchrun/accelerate launch (single and batch mode can be split)")
+    if world > 1 and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    try:
+        return _run(args, rank)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int) -> int:
     methods = args.method.split(",")
     for m in methods:  # unknown names are refused before any work
         if m != NONE:
@@ -58,6 +83,8 @@ def run(args) -> int:
         else:
             runs.append(evaluate(m, cases, mode=args.mode, hparams=mhp, checkpoints=_ints(args.checkpoints),
                                  out=out / f"{m}_{args.mode}", **kw))
+    if rank != 0:  # rank 0 reports the merged runs
+        return 0
     label = (lambda r: f"{r.method} (batch {r.settings['batch_size']})") if args.mode == "batch" else None
     table = format_table(runs, label=label)
     print(table)
