@@ -454,6 +454,16 @@ def _mquake_edits_and_chain(case) -> tuple[list[tuple[str, tuple[str, ...]]], li
     return edits, hops, edit_of_hop
 
 
+def question_answerer(lm):
+    """The newest intervention of the edits applied to ``lm`` that answers questions itself (it has a
+    method ``answer_question(lm, question) -> str``, e.g. MeLLo's memory), or None."""
+    for e in reversed(list(getattr(lm, "applied_edits", None) or ())):
+        for iv in reversed(e.interventions):
+            if callable(getattr(iv, "answer_question", None)):
+                return iv
+    return None
+
+
 def score_mquake(lm, case, *, few_shot: str = MQUAKE_FEW_SHOT, match: str = "exact", max_new_tokens: int = 20,
                  relation_prompts: dict[str, str] | None = None, batch_size: int = 32, generate=None) -> dict:
     """MQuAKE's metrics on the model as it is now (Zhong et al. 2023, §3.3), from generated answers.
@@ -478,7 +488,10 @@ def score_mquake(lm, case, *, few_shot: str = MQUAKE_FEW_SHOT, match: str = "exa
     their relation's demonstrations, with the question rule.
 
     ``generate``: a function from a list of prompts to their continuations, in place of greedy
-    decoding on ``lm`` (tests; another decoder). Returns per case ``mquake_multihop`` (0/1),
+    decoding on ``lm`` (tests; another decoder). Without it, where an applied edit answers questions
+    itself (:func:`question_answerer`: an intervention with ``answer_question(lm, question)``, MeLLo's
+    decomposition loop), the multi-hop questions are asked through it instead of ``few_shot`` and
+    greedy decoding; its answer is scored with the question rule. Returns per case ``mquake_multihop`` (0/1),
     ``mquake_question_acc`` (the fraction of the three questions answered, for comparison with the
     any-of-three rule), ``mquake_answers``, ``mquake_edits_recalled`` of ``mquake_n_edits`` (and their
     ratio ``mquake_edit_wise``), ``mquake_edit_answers`` and, when the case carries its chain,
@@ -490,7 +503,9 @@ def score_mquake(lm, case, *, few_shot: str = MQUAKE_FEW_SHOT, match: str = "exa
         raise MQuAKEScoringError(f"case {case.case_id!r} has no multi-hop questions (portability probes)")
     gen = generate if generate is not None else (
         lambda prompts: greedy_generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size))
-    said = gen([mquake_question_prompt(p.prompt, few_shot) for p in case.portability])
+    answerer = question_answerer(lm) if generate is None else None
+    said = ([answerer.answer_question(lm, p.prompt) for p in case.portability] if answerer is not None
+            else gen([mquake_question_prompt(p.prompt, few_shot) for p in case.portability]))
     right = [answer_correct(t, p.answers, match) for t, p in zip(said, case.portability)]
 
     edits, hops, edit_of_hop = _mquake_edits_and_chain(case)
