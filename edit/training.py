@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -59,7 +60,8 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CURVE_FILE = "training_curve.json"
 DEFAULT_TRAIN_DATA = "counterfact/easyedit_format/counterfact-train.json"  # relative to the shared data folder
 _EVAL_SPLIT_MARKERS = ("dev", "test", "eval")
-_NOT_IN_KEY = ("train_if_missing", "editor", "checkpoint_every", "eval_every")  # where/how often, not what
+_NOT_IN_KEY = ("train_if_missing", "editor", "checkpoint_every", "eval_every", "train_data")  # where from, how
+#              often: not what (the data enters the key as the digest of its records)
 
 
 class TrainedEditorMissingError(LocateEditError, FileNotFoundError):
@@ -131,7 +133,7 @@ def load_training_data(path: str | Path, limit: int | None = None) -> list[Train
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataFileNotFoundError(f"training data not found: {p}")
-    if any(m in part.lower() for part in p.name.replace(".", "_").split("_") for m in _EVAL_SPLIT_MARKERS):
+    if set(re.split(r"[^a-z0-9]+", p.name.lower())) & set(_EVAL_SPLIT_MARKERS):
         raise TrainingDataError(f"{p.name} is an evaluation split; trained editors are trained on train "
                                 "splits only (e.g. counterfact/easyedit_format/counterfact-train.json)")
     try:
@@ -188,8 +190,9 @@ def library_versions() -> dict[str, str]:
 
 def key_hparams(hp: Any, edit_time: Sequence[str] = ()) -> dict:
     """The hyperparameters of ``hp`` (a dataclass) that shape the trained editor: all but the
-    ``edit_time`` fields and ``train_if_missing``, ``editor``, ``checkpoint_every``, ``eval_every``
-    (which say where it comes from and how often training reports, not what it is)."""
+    ``edit_time`` fields and ``train_if_missing``, ``editor``, ``checkpoint_every``, ``eval_every``,
+    ``train_data`` (which say where it comes from and how often training reports, not what it is; the
+    data enter the key as the digest of their records)."""
     skip = set(edit_time) | set(_NOT_IN_KEY)
     return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp) if f.name not in skip}
 

@@ -72,6 +72,7 @@ How this differs from the reference (EasyEdit ``trainer/algs/MEND.py``, ``local_
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -466,7 +467,10 @@ def compute_mend(lm, requests: list[Request], hp: MENDHparams, rt: Runtime) -> E
     """The MEND edit of ``requests`` (one joint edit of the batch): (1) on the model as it is now, mapped
     by the trained editor (2)-(4) to weight deltas of every MLP weight of the edited blocks."""
     t0 = time.perf_counter()
-    net, art = load_editor(lm, hp, rt)
+    memo = ("mend-editor", lm.fingerprint, json.dumps(asdict(hp), sort_keys=True, default=str), str(rt.data_dir))
+    if memo not in rt.cache:  # the edits of one run load (and digest the training file) once
+        rt.cache[memo] = load_editor(lm, hp, rt)
+    net, art = rt.cache[memo]
     t1 = time.perf_counter()
     grads = gradient_factors(lm, list(requests), net.sites)
     with torch.no_grad():
