@@ -46,24 +46,20 @@ toolkit's batched v* (prefix cache, per-request early stop), identical in its nu
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from locate import resolve_layer
-from locate.errors import EditFailedError, InvalidHparamsError
-from locate.hooks import capture, capture_at
+from locate.errors import InvalidHparamsError
+from locate.hooks import capture
 
-from ..context import subject_keys, subject_last_token, templates_for
-from ..edit import Edit, WeightDelta
+from ..edit import Edit
 from ..registry import Runtime, register
 from ..request import InvalidRequestError, Request
-from ..stats import stats_for
-from ..vstar import ExtraObjective, optimize_targets
+from ..vstar import ExtraObjective
 from .rome import SMOKE as ROME_SMOKE
-from .rome import ROMEHparams, rank_one_update
+from .rome import ROMEHparams, rome_edit
 
 FINAL = "unembed.hook_in"  # the final hidden state: the unembedding's input (after the final norm)
 
@@ -163,49 +159,7 @@ def compute_bird(lm, requests: list[Request], hp: BIRDHparams, rt: Runtime) -> E
     fails the model is untouched."""
     (request,) = requests
     _check_inputs(request, hp)
-    layer, layer_reason = resolve_layer(lm, hp.layers)
-    timings: dict[str, float] = {}
-    t_all = t = time.perf_counter()
-    st = stats_for(lm, [layer], rt, n_tokens=hp.stats_tokens)[layer]
-    templates = templates_for(lm, rt, hp.template_lengths)
-    timings["stats_s"] = time.perf_counter() - t
-
-    # k* and the key Λ uses, as ROME's
-    t = time.perf_counter()
-    k_star = subject_keys(lm, [request], layer, templates)[0]
-    if hp.key == "original":
-        ids, pos = subject_last_token(lm, "{}", request)
-        k_lambda = capture_at(lm, [ids], [pos], lm.hook_mlp_key(layer))[0]
-    else:
-        k_lambda = k_star
-    timings["key_s"] = time.perf_counter() - t
-
-    # v*: ROME's objective plus the bidirectional term
-    t = time.perf_counter()
-    extra = bird_objective(lm, request, templates, hp)
-    tv = optimize_targets(lm, [request], layer, site="mlp_out", templates=templates, hparams=hp.vstar(),
-                          progress=rt.progress, extra=extra)
-    v_star = tv.target[0]
-    timings["v_star_s"] = time.perf_counter() - t
-
-    # ROME's rank-one update (eq. 2)
-    t = time.perf_counter()
-    u = st.solve(k_star)
-    W = lm.mlp_out_weight(layer)
-    Lam, denominator = rank_one_update(W, lm.mlp_out_bias(layer), k_lambda, u, v_star)
-    left, right = Lam[:, None].to(W.dtype), u[None, :].to(W.dtype)
-    if not (torch.isfinite(left).all() and torch.isfinite(right).all() and torch.isfinite(W + left @ right).all()):
-        raise EditFailedError(f"BIRD update is not finite in {W.dtype} (uᵀk = {float(denominator):.3g}); "
-                              "the model is unchanged")
-    timings["update_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    e = Edit("bird", [request], [WeightDelta(layer, left=left, right=right)], lm.fingerprint, model_name=lm.name,
-             layer_reason=layer_reason,
-             hparams={**asdict(hp), "layers": [layer], "site": "mlp_out", "stats_source": st.source,
-                      "stats_tokens": st.n_tokens, "n_templates": len(templates)},
-             timings=timings, loss_trace=[row[0] for row in tv.loss_trace],
-             metrics={"v_star_final_loss": tv.final_loss[0], "v_star_final_nll": tv.final_nll[0],
-                      "bird_term": tv.final_extra[0], "v_star_steps": tv.steps,
-                      "delta_norm": float(tv.delta[0].norm()), "denominator": float(denominator)})
-    e.k_star, e.v_star, e.k_lambda = k_star.detach(), v_star.detach(), k_lambda.detach()
+    # ROME's steps, with v* optimised under ROME's loss plus the bidirectional term
+    e = rome_edit(lm, request, hp, rt, method="bird", extra=lambda templates: bird_objective(lm, request, templates, hp))
+    e.metrics["bird_term"] = e.metrics.pop("extra_term")
     return e

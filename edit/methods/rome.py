@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -95,6 +95,15 @@ SMOKE = {"v_steps": 3, "template_lengths": ((5, 1),), "stats_tokens": 1024}
 def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> Edit:
     """The ROME edit of one request (not applied). If anything fails the model is untouched."""
     (request,) = requests
+    return rome_edit(lm, request, hp, rt)
+
+
+def rome_edit(lm, request: Request, hp: ROMEHparams, rt: Runtime, *, method: str = "rome",
+              extra: Callable[[list[str]], Any] | None = None) -> Edit:
+    """ROME's steps (statistics, templates, k*, v*, the rank-one update) for one request, as an unapplied
+    :class:`Edit` named ``method``. ``extra(templates)``, when given, returns a
+    :class:`edit.vstar.ExtraObjective` added to v*'s loss (BIRD's bidirectional term); its last value is
+    recorded as ``metrics["extra_term"]``. Variants of ROME call this instead of copying it."""
     layer, layer_reason = resolve_layer(lm, hp.layers)
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
@@ -121,7 +130,7 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
     # v* (eq. 4): optimise δ at the MLP output of this layer, subject's last token
     t = time.perf_counter()
     tv = optimize_targets(lm, [request], layer, site="mlp_out", templates=templates, hparams=hp.vstar(),
-                          progress=rt.progress)
+                          progress=rt.progress, extra=None if extra is None else extra(templates))
     v_star = tv.target[0]
     timings["v_star_s"] = time.perf_counter() - t
 
@@ -134,13 +143,13 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
     # checked after the cast to W's dtype, on the factors, their product and the edited weight (as apply adds it):
     # float64 values that are finite can overflow in float16/bfloat16 at any of the three
     if not (torch.isfinite(left).all() and torch.isfinite(right).all() and torch.isfinite(W + left @ right).all()):
-        raise EditFailedError(f"ROME update is not finite in {W.dtype} (uᵀk = {float(denominator):.3g}); "
+        raise EditFailedError(f"{method} update is not finite in {W.dtype} (uᵀk = {float(denominator):.3g}); "
                               "the model is unchanged")
     timings["update_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     e = Edit(
-        method="rome",
+        method=method,
         requests=[request],
         interventions=[WeightDelta(layer, left=left, right=right)],
         fingerprint=lm.fingerprint,
@@ -153,7 +162,8 @@ def compute_rome(lm, requests: list[Request], hp: ROMEHparams, rt: Runtime) -> E
         metrics={"v_star_final_loss": tv.final_loss[0], "v_star_final_nll": tv.final_nll[0],
                  "v_star_steps": tv.steps, "delta_norm": float(tv.delta[0].norm()),
                  "value_norm": float(tv.initial[0].norm()), "denominator": float(denominator),
-                 "update_norm": float(Lam.norm() * u.norm())},
+                 "update_norm": float(Lam.norm() * u.norm()),
+                 **({} if extra is None else {"extra_term": tv.final_extra[0]})},
     )
     e.k_star, e.v_star, e.k_lambda = k_star.detach(), v_star.detach(), k_lambda.detach()
     return e
