@@ -227,7 +227,7 @@ def optimize_targets(model, requests: Sequence[Request], layer: int, *, site: st
         for step in bar:
             opt.zero_grad()
             h = suffix_hidden(lm, sb, hooks)
-            logits = lm.bridge.unembed(h[sel_rows, sel_pos][None])[0].float()
+            logits = lm.bridge.unembed(h[sel_rows, sel_pos][None])[0].float().to(dev)  # lm_head may sit on another device
             target_logits = logits[: len(g_row)]
             logp = target_logits.log_softmax(-1).gather(-1, g_tok[:, None]).squeeze(-1)
             nll = torch.zeros(B, device=dev).index_add(0, g_owner, -logp * g_w)
