@@ -24,6 +24,11 @@ class Request:
     prompts of the fact use them (knowledge neurons). They are not part of the fact: they take no part
     in equality, hashing or ``repr``, and :meth:`to_dict` leaves them out (so edit files, run records and
     anything seeded from ``to_dict`` stay as they were).
+
+    ``spans`` (optional): other named parts of the rendered prompt, ``{name: substring}``, e.g.
+    ``{"verb": "rides", "object": "bicycle"}`` for a commonsense statement (MEMIT-CSK edits at the verb's
+    or the object's last token). Like ``paraphrases`` they take no part in equality, hashing or ``repr``;
+    :meth:`to_dict` writes them only when there are some (requests without spans serialise as before).
     """
 
     prompt: str
@@ -31,10 +36,15 @@ class Request:
     target_new: str
     target_true: str | None = None
     paraphrases: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    spans: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         given = self.paraphrases
         object.__setattr__(self, "paraphrases", (given,) if isinstance(given, str) else tuple(given))
+        try:
+            object.__setattr__(self, "spans", dict(self.spans or {}))
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(f"spans must be a mapping {{name: substring}}, got {self.spans!r}") from e
 
     @property
     def rendered(self) -> str:
@@ -55,9 +65,16 @@ class Request:
             raise InvalidRequestError(f"target_new and target_true are the same ({self.target_new!r})")
         if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
             raise InvalidRequestError(f"paraphrases must be non-empty strings, got {list(self.paraphrases)!r}")
+        for name, text in self.spans.items():
+            if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
+                raise InvalidRequestError(f"spans must map names to non-empty strings, got {name!r}: {text!r}")
+            if text.strip() not in self.rendered:
+                raise SubjectNotFoundError(f"span {name}={text!r} is not in the rendered prompt {self.rendered!r}")
         if lm is not None:
             try:
                 lm.subject_span(self.rendered, self.subject)
+                for text in self.spans.values():
+                    lm.subject_span(self.rendered, text)
             except SubjectNotFoundError as e:
                 raise SubjectNotFoundError(f"request {self!r}: {e}") from e
             lm.target_ids(self.target_new, self.rendered)
@@ -66,8 +83,10 @@ class Request:
     def to_dict(self) -> dict:
         d = asdict(self)
         del d["paraphrases"]
+        if not d["spans"]:
+            del d["spans"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Request":
-        return cls(d["prompt"], d["subject"], d["target_new"], d.get("target_true"))
+        return cls(d["prompt"], d["subject"], d["target_new"], d.get("target_true"), spans=d.get("spans") or {})

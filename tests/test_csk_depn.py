@@ -63,3 +63,102 @@ def test_trace_without_corrupt_is_unchanged(tiny_llama, tmp_path):
     assert np.isfinite(only.scores["mlp"][only.token_index("last_corrupted")]).all()
     with pytest.raises(TraceError):
         trace(SVO, "horse", model=lm, corrupt=3, samples=2, noise=0.5)
+
+
+# ---------------------------------------------------------------------------------------- MEMIT-CSK
+from edit.eval.commonsense import config_scores, probe_scores  # noqa: E402
+from edit.eval.datasets import Case, load_csk, load_csk_probes  # noqa: E402
+from edit.methods.memit_csk import MissingSpanError, at_edit_token, edit_token_profile  # noqa: E402
+
+CSK = edit.Request("A {} rides a bicycle:", "horse", " False", " True", spans={"verb": "rides", "object": "bicycle"})
+SMOKE = {"v_steps": 3, "template_lengths": ((5, 1),), "stats_tokens": 1024, "n_layers": 1, "layers": [0]}
+
+
+@pytest.fixture(scope="module")
+def runtime(shared_data):
+    return edit.Runtime(corpus=shared_data / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw", data_dir=shared_data,
+                        check_efficacy=False)
+
+
+def test_request_spans_are_optional_and_round_trip():
+    plain = edit.Request("{} is in", "Paris", " France")
+    assert "spans" not in plain.to_dict() and plain.spans == {}
+    assert edit.Request.from_dict(CSK.to_dict()).spans == CSK.spans
+    assert CSK == edit.Request("A {} rides a bicycle:", "horse", " False", " True")  # not part of the fact
+    with pytest.raises(Exception, match="not in the rendered prompt"):
+        edit.Request("A {} rides:", "horse", " False", spans={"verb": "flies"}).check()
+
+
+def test_at_edit_token_rebinds_the_verb_and_object():
+    v = at_edit_token(CSK, "verb")
+    assert (v.prompt, v.subject, v.rendered) == ("A horse {} a bicycle:", "rides", CSK.rendered)
+    o = at_edit_token(CSK, "object")
+    assert (o.prompt, o.subject) == ("A horse rides a {}:", "bicycle")
+    assert at_edit_token(CSK, "subject") is CSK
+    # a word that also occurs inside the subject is taken outside it
+    r = edit.Request("The {} eats cat food:", "cat", " True", spans={"object": "cat food"})
+    assert at_edit_token(r, "object").prompt == "The cat eats {}:"
+    with pytest.raises(MissingSpanError, match="spans\\['verb'\\]"):
+        at_edit_token(edit.Request("A {} rides:", "horse", " False"), "verb")
+
+
+def test_memit_csk_reads_z_and_keys_at_the_verb(tiny_llama, runtime):
+    """memit-csk at the verb is MEMIT on the statement with the verb as its "subject" (the authors'
+    rebinding), and differs from MEMIT at the subject."""
+    lm = tiny_llama
+    lam = {"mom2_update_weight": 50.0}
+    csk = edit.compute("memit-csk", [CSK], model=lm, runtime=runtime, edit_token="verb", **SMOKE, **lam)
+    by_hand = edit.compute("memit", [edit.Request("A horse {} a bicycle:", "rides", " False", " True")], model=lm,
+                           runtime=runtime, **SMOKE, **lam)
+    at_subject = edit.compute("memit", [CSK], model=lm, runtime=runtime, **SMOKE, **lam)
+    assert csk.method == "memit-csk" and csk.requests == [CSK]
+    (a,), (b,), (c,) = csk.deltas, by_hand.deltas, at_subject.deltas
+    assert torch.equal(a.matrix(), b.matrix())
+    assert not torch.allclose(a.matrix(), c.matrix())
+    # default λ: the authors' 20,000 for GPT-2 XL's d_mlp = 6,400, scaled to this d_mlp (MEMIT: 15,000 / 16,384)
+    default = edit.compute("memit-csk", [CSK], model=lm, runtime=runtime, edit_token="verb", **SMOKE)
+    assert default.hparams["lambda_"] == pytest.approx(20_000 * lm.d_mlp / 6_400)
+    with pytest.raises(MissingSpanError):
+        edit.compute("memit-csk", [edit.Request("A {} rides:", "horse", " False")], model=lm, runtime=runtime,
+                     edit_token="object", **SMOKE)
+
+
+def test_edit_token_profile_traces_the_edit_token(tiny_llama):
+    lm = tiny_llama
+    prof = edit_token_profile([CSK], "object", model=lm, samples=2)
+    tr = trace(CSK.rendered, "horse", model=lm, corrupt="bicycle", kinds=("mlp",), samples=2, noise=["bicycle"])
+    np.testing.assert_allclose(prof.aie, tr.ie("mlp")[tr.token_index("last_corrupted")], atol=1e-9)
+    assert prof.noise_level == pytest.approx(noise_level(lm, ["bicycle"]).nu)  # the authors' rule: the traced words
+    layers, _ = edit.registry.resolve_layers(lm, prof, 1)
+    assert layers == [int(np.argmax(prof.aie))]
+
+
+def test_csk_loaders(shared_data):
+    cases = load_csk(shared_data / "memit_csk" / "pep3k" / "svo_annotated" / "edit_set.json")
+    assert len(cases) == 1529  # 2 of 1,531 records have no subject word in their statement
+    r = cases[0].request
+    assert (r.prompt, r.subject, r.target_new, r.target_true) == ("A {} rides cat:", "horse", " False", " True")
+    assert r.spans == {"verb": "rides", "object": "cat"}
+    probes = load_csk_probes(shared_data / "memit_csk" / "20q" / "probe_set.json", n=2)
+    assert probes[0].extra["label"] == " False" and len(probes[0].extra["probes"]["affected_reasoning"]) == 2
+
+
+def test_csk_scores_follow_the_authors_definitions():
+    y = [" True", " True", " False", " False", " True"]
+    before = [" False", "None", " False", " False", " True"]  # 2 wrong, 3 right
+    after = [" True", " False", " False", " True", " True"]  # 1 of 2 fixed, 1 of 3 relapsed
+    s = config_scores(y, before, after)
+    assert s["efficacy"] == 50.0 and s["relapse"] == pytest.approx(100 / 3)
+    assert s["accuracy_before"] == 60.0 and s["accuracy_after"] == 60.0
+    case = Case(0, "t", [CSK], extra={"label": " False", "statement": "A horse rides a bicycle",
+                                      "probes": {}})
+    after = {"efficacy": [[" False"]], "affected_reasoning": [[" True", " False"]],
+             "affected_paraphrase": [[" False", " True"]], "affected_neighborhood_subject": [[" False"]],
+             "affected_neighborhood_verb": [[" True", " True"]], "affected_neighborhood_object": [[" False"]],
+             "unaffected_neighborhood_subject": [[" True", " True"]]}
+    before = {"unaffected_neighborhood_subject": [[" True", " False"]]}
+    s = probe_scores([case], after, before)
+    # reasoning is scored against " True" (not the case's label " False"): 1 of 2
+    assert s["affected_reasoning"] == 50.0 and s["affected_paraphrase"] == 50.0
+    assert s["affected_neighborhood"] == 50.0  # pooled: 2 of 4 statements
+    assert s["unaffected_neighborhood_subject"] == 50.0 and s["efficacy"] == 100.0

@@ -24,6 +24,7 @@ the edit writes ``alt`` and ``answers[0]`` is the fact it replaces (the ROME cod
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,3 +554,72 @@ def load_knowedit(path: str | Path, n: int | None = None) -> list[Case]:
     if cases:
         cases[0].extra["skipped"] = skipped
     return cases
+
+
+# --------------------------------------------------------------------------- MEMIT-CSK (PEP3k, 20Q)
+CSK_LABELS = {1: " True", 0: " False"}  # the authors' next-token labels after "<statement>:"
+CSK_PROBE_TYPES = ("affected_paraphrase", "affected_neighborhood_subject", "affected_neighborhood_verb",
+                   "affected_neighborhood_object", "affected_reasoning", "unaffected_neighborhood_subject",
+                   "unaffected_neighborhood_object")
+
+
+def _word_at(text: str, word: str) -> int:
+    """Where ``word`` stands as a whole word in ``text`` (first such place; any place as a fallback,
+    as the authors' loader falls back to a plain replace), or -1."""
+    m = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text)
+    return m.start() if m else text.find(word)
+
+
+def _csk_request(statement: str, label: str, svo: dict) -> Request | None:
+    """``"<statement>:" -> label`` with the subject as ``{}`` and the verb/object as spans; None when
+    the subject is not in the statement."""
+    subject = (svo.get("subject") or "").strip()
+    i = _word_at(statement, subject) if subject else -1
+    if i < 0:
+        return None
+    spans = {k: svo[k].strip() for k in ("verb", "object")
+             if (svo.get(k) or "").strip() and _word_at(statement, svo[k].strip()) >= 0}
+    other = CSK_LABELS[0] if label == CSK_LABELS[1] else CSK_LABELS[1]
+    return Request(statement[:i] + "{}" + statement[i + len(subject):] + ":", subject, label, other, spans=spans)
+
+
+def load_csk(path: str | Path, n: int | None = None) -> list[Case]:
+    """A MEMIT-CSK edit or edit-validation set with its subject/verb/object annotation
+    (``memit_csk/{pep3k,20q}/svo_annotated/{edit_set,edit_validation_set}.json``: prompt, label 0/1,
+    subject, verb, object). Each statement becomes ``"<statement>:" -> " True"/" False"`` (its label;
+    ``target_true`` the other one), the authors' prompt format, with the subject as ``{}`` and the verb
+    and object in ``Request.spans``. A record whose subject is not a word of its statement is skipped
+    (pep3k: 2 of 1,531; 20q: 23 of 2,505); a verb/object not found is left out of the spans.
+    ``extra``: ``label`` and ``statement``."""
+    path = Path(path)
+    data = _read(path, "MEMIT-CSK edit set")
+    cases = []
+    for i, r in enumerate(data):
+        _need(r, ("prompt", "label", "subject"), path, i)
+        label = CSK_LABELS[int(r["label"])]
+        req = _csk_request(r["prompt"], label, r)
+        if req is not None:
+            name = path.parent.parent.name if path.parent.name == "svo_annotated" else path.parent.name
+            cases.append(Case(i, f"csk:{name}", [req], extra={"label": label, "statement": r["prompt"]}))
+    return _first(cases, n)
+
+
+def load_csk_probes(path: str | Path, n: int | None = None) -> list[Case]:
+    """A MEMIT-CSK probe set (``memit_csk/{pep3k,20q}/probe_set.json``): each case's statement as an
+    edit request (as :func:`load_csk`; ``label`` is already " True"/" False") and, in
+    ``extra["probes"]``, its probe statements per type (:data:`CSK_PROBE_TYPES`): affected paraphrase,
+    affected neighbourhood (subject/verb/object replaced by a near synonym: same label), affected
+    reasoning (statements that are true), unaffected neighbourhood (subject/object replaced by an
+    unrelated word: the label the unedited model gives them should not change)."""
+    path = Path(path)
+    data = _read(path, "MEMIT-CSK probe set")
+    cases = []
+    for i, r in enumerate(data):
+        _need(r, ("prompt", "label", "subject", "verb", "object"), path, i)
+        label = r["label"] if r["label"] in CSK_LABELS.values() else CSK_LABELS[int(r["label"])]
+        req = _csk_request(r["prompt"], label, r)
+        if req is not None:
+            cases.append(Case(r.get("id", i), f"csk-probe:{path.parent.name}", [req],
+                              extra={"label": label, "statement": r["prompt"],
+                                     "probes": {t: list(r.get(t) or []) for t in CSK_PROBE_TYPES}}))
+    return _first(cases, n)
