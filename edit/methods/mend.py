@@ -464,7 +464,7 @@ def load_editor(lm, hp: MENDHparams, rt: Runtime | None = None) -> tuple[MENDEdi
 @register("mend", MENDHparams, batched=True, layers=None, train=train_mend,
           smoke={"train_data": "toy", "train_if_missing": True, "train_steps": 6, "batch_size": 2, "rank": 8,
                  "lr": 1e-3, "lr_lr": 1e-2, "edit_lr": 1e-2, "eval_every": 3, "checkpoint_every": 3},
-          description="MEND: trained networks map the fine-tuning gradient of the last 3 MLPs to a rank-one edit each "
+          description="MEND: trained networks map the fine-tuning gradient (rank one per token) of the last 3 MLPs to a low-rank edit "
                       "(Mitchell et al. 2022; needs `locate-edit train mend`)")
 def compute_mend(lm, requests: list[Request], hp: MENDHparams, rt: Runtime) -> Edit:
     """The MEND edit of ``requests`` (one joint edit of the batch): (1) on the model as it is now, mapped
