@@ -162,3 +162,56 @@ def test_csk_scores_follow_the_authors_definitions():
     assert s["affected_reasoning"] == 50.0 and s["affected_paraphrase"] == 50.0
     assert s["affected_neighborhood"] == 50.0  # pooled: 2 of 4 statements
     assert s["unaffected_neighborhood_subject"] == 50.0 and s["efficacy"] == 100.0
+
+
+# ---------------------------------------------------------------------------------------- DEPN
+from locate.neurons import attribution  # noqa: E402
+from edit.methods.depn import MissingPrivateStringError, aggregate, depn_report, leak  # noqa: E402
+
+PRIVATE = [edit.Request("{} can be reached at", "Alice", " [erased]", " 555 0199"),
+           edit.Request("Call {} on", "Alice", " [erased]", " 555 0199"),
+           edit.Request("The number of {} is", "Alice", " [erased]", " 555 0199")]
+
+
+def test_depn_aggregates_by_frequency_not_magnitude():
+    """The aggregator keeps the neurons that are privacy neurons of the most samples (the authors'
+    most_common), not the largest attributions: a huge score in one sample loses to a modest one in three."""
+    maps = [torch.zeros(2, 4) for _ in range(3)]
+    for m in maps:
+        m[1, 2] = 1.0  # modest, but a privacy neuron of every sample
+    maps[0][0, 0] = 100.0  # the largest attribution of all, in one sample only
+    maps[1][0, 3] = 2.0  # sample 1's max: (1, 2) at 1.0 is still above 0.1 x 2.0
+    maps[2][0, 1] = 0.0999  # below t = 0.1 x its sample's max (1.0): not a privacy neuron
+    maps[2][1, 0] = 0.1  # exactly t x max: kept (>=)
+    assert aggregate(maps, 0.1, 1)[0] == [(1, 2)]  # by summed attribution it would be (0, 0)
+    got, counts = aggregate(maps, 0.1, 2)
+    assert got[0] == (1, 2) and counts[(1, 2)] == 2  # sample 0's max is 100: (1, 2) at 1.0 is below 0.1 x 100
+    assert got[1] == (0, 0)  # ties (one sample each) in order of first appearance: sample 0 first
+    assert counts[(1, 0)] == 1 and (0, 1) not in counts
+    assert [n for n, _ in counts.most_common()][:2] == got
+
+
+def test_depn_zeroes_exactly_the_selected_value_slots_and_the_leak_drops(tiny_llama, runtime):
+    lm = tiny_llama
+    hp = {"steps": 4, "n_neurons": 6}
+    W = {l: lm.mlp_out_weight(l).detach().clone() for l in range(lm.n_layers)}
+    before = [leak(r.rendered, r.target_true, model=lm)["p"] for r in PRIVATE]
+    e = edit.compute("depn", PRIVATE, model=lm, runtime=runtime, **hp)
+    # the neurons are the detector + aggregator on locate.neurons' attributions (summed over the string's tokens)
+    maps = [attribution(lm, r.rendered, r.target_true, steps=4, tokens="mean") for r in PRIVATE]
+    expected, _ = aggregate(maps, 0.1, 6)
+    assert [tuple(n) for n in e.hparams["neurons"]] == expected and len(expected) == 6
+    with edit.applied(lm, e):
+        for l in range(lm.n_layers):
+            changed = (lm.mlp_out_weight(l) != W[l]).any(0).nonzero().flatten().tolist()
+            mine = sorted(i for (ll, i) in expected if ll == l)
+            assert changed == [i for i in mine if W[l][:, i].abs().sum() > 0]  # only the selected columns move ...
+            assert torch.equal(lm.mlp_out_weight(l)[:, mine], torch.zeros_like(W[l][:, mine]))  # ... to exactly 0
+        after = [leak(r.rendered, r.target_true, model=lm)["p"] for r in PRIVATE]
+    assert sum(after) < sum(before)
+    for l in range(lm.n_layers):
+        assert torch.equal(lm.mlp_out_weight(l), W[l])
+    rep = depn_report(e, [edit.Request("{} is located in", "Paris", " France")], model=lm)
+    assert rep["after"]["p"] < rep["before"]["p"] and 0 <= rep["locality_top1_unchanged"] <= 1
+    with pytest.raises(MissingPrivateStringError):
+        edit.compute("depn", [edit.Request("{} is", "Alice", " x")], model=lm, runtime=runtime, **hp)
