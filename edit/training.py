@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from locate.errors import CacheCorruptedError, DataFileNotFoundError, FingerprintMismatchError, InvalidArgumentError, LocateEditError
 from locate.loading import cache_dir, read_cached, verify_cached, write_cached
 
+from .eval.datasets import find_data_dir
 from .request import Request
 
 EDITOR_FORMAT = "locate-edit/trained-editor/1"
@@ -144,6 +145,18 @@ def load_training_data(path: str | Path, limit: int | None = None) -> list[Train
         raise TrainingDataError(f"{p}: expected a non-empty JSON list of records")
     records = [record_from_dict(d) for d in (data if limit is None else data[:limit])]
     return records
+
+
+def training_source(train_data: str, data_dir=None) -> tuple[str | None, list[TrainingRecord] | None]:
+    """Where an editor's training records come from: ``(path, None)`` for a file (a relative name that is
+    not a file here is looked up in the data directory, ``data_dir`` or :func:`find_data_dir`'s search),
+    or ``(None, records)`` for ``"toy"``, the tests' synthetic set."""
+    if train_data == "toy":
+        return None, toy_records()
+    p = Path(train_data).expanduser()
+    if not p.is_absolute() and not p.is_file():
+        p = find_data_dir(data_dir) / train_data
+    return str(p), None
 
 
 def records_digest(records: Sequence[TrainingRecord]) -> str:

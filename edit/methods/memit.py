@@ -194,18 +194,23 @@ def check_conflicts(requests: Sequence[Request], lm) -> list[Request]:
     return unique
 
 
-def _chunks(seq: Sequence, n: int):
+def chunks(seq: Sequence, n: int):
     for i in range(0, len(seq), n):
         yield seq[i: i + n]
 
 
+def subject_states(lm, requests: Sequence[Request], hook: str, *, chunk_size: int = 32) -> torch.Tensor:
+    """The activation at ``hook`` at each rendered prompt's last subject token, (B, d_model), float64."""
+    out = []
+    for chunk in chunks(list(requests), chunk_size):
+        rows, pos = zip(*(subject_last_token(lm, "{}", r) for r in chunk))
+        out.append(capture_at(lm, rows, pos, hook).double())
+    return torch.cat(out)
+
+
 def subject_residuals(lm, requests: Sequence[Request], layer: int, *, chunk_size: int = 32) -> torch.Tensor:
     """h^layer: the block output at each rendered prompt's last subject token, (B, d_model), float64."""
-    out = []
-    for chunk in _chunks(list(requests), chunk_size):
-        rows, pos = zip(*(subject_last_token(lm, "{}", r) for r in chunk))
-        out.append(capture_at(lm, rows, pos, lm.hook_resid(layer)).double())
-    return torch.cat(out)
+    return subject_states(lm, requests, lm.hook_resid(layer), chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------- the two steps
@@ -214,7 +219,7 @@ def memit_targets(lm, requests: Sequence[Request], L: int, templates: Sequence[s
     """Step 1 (eq. 16): the target block-L outputs z_i, (B, d_model) float64, optimised chunk by chunk
     (independent δ's, summed losses); also the loss trace per chunk and each request's final loss."""
     zs, loss_trace, final_losses = [], [], []
-    for chunk in tqdm(list(_chunks(list(requests), hp.chunk_size)), desc=f"z at layer {L}", unit="chunk",
+    for chunk in tqdm(list(chunks(list(requests), hp.chunk_size)), desc=f"z at layer {L}", unit="chunk",
                       disable=not rt.progress or len(requests) <= hp.chunk_size):
         tv = optimize_targets(lm, chunk, L, site="resid", templates=templates, **hp.vstar_kwargs())
         zs.append(tv.target.detach().double())
@@ -249,7 +254,7 @@ def layer_walk(lm, requests: Sequence[Request], layers: Sequence[int], z: torch.
                 h = subject_residuals(lm, requests, L, chunk_size=4 * chunk_size)
                 R = (z - h) / (len(layers) - i)  # eq. 20: this layer's share of what is still missing
                 K = torch.cat([subject_keys(lm, c, l, templates, key_groups).double()
-                               for c in _chunks(list(requests), 4 * chunk_size)])  # eq. 19
+                               for c in chunks(list(requests), 4 * chunk_size)])  # eq. 19
                 left, right = solve(l, K, R)
                 d = delta_factors(l, left, right, lm.dtype)
                 M = d.matrix()

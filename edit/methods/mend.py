@@ -78,19 +78,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from locate.errors import EditFailedError, InvalidHparamsError, LayerSpecError
 
 from ..edit import Edit, WeightDelta
-from ..eval.datasets import find_data_dir
 from ..registry import Runtime, compute, register
 from ..request import Request
 from ..training import (
+    training_source,
     DEFAULT_TRAIN_DATA,
     EditorTrainer,
     TrainedEditor,
@@ -98,7 +96,6 @@ from ..training import (
     batch_at,
     obtain,
     run_training,
-    toy_records,
 )
 
 
@@ -430,15 +427,6 @@ class _MENDTrainer(EditorTrainer):
         return {"sites": [asdict(s) for s in self.sites]}
 
 
-def _records_for(hp: MENDHparams, rt: Runtime | None) -> tuple[str | None, list[TrainingRecord] | None]:
-    if hp.train_data == "toy":
-        return None, toy_records()
-    p = Path(hp.train_data).expanduser()
-    if not p.is_absolute() and not p.is_file():
-        p = find_data_dir(rt.data_dir if rt is not None else None) / hp.train_data
-    return str(p), None
-
-
 def train_mend(lm, records: list[TrainingRecord], hp: MENDHparams, *, steps: int | None = None, out=None,
                progress: bool = True, resume: bool = True) -> TrainedEditor:
     """Train a MEND editor for ``lm`` on ``records`` (see (5)) and save it (``out``, ``hp.editor`` or the
@@ -448,7 +436,7 @@ def train_mend(lm, records: list[TrainingRecord], hp: MENDHparams, *, steps: int
 
 def load_editor(lm, hp: MENDHparams, rt: Runtime | None = None) -> tuple[MENDEditor, TrainedEditor]:
     """The trained MEND editor ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain`)."""
-    path, records = _records_for(hp, rt)
+    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
     art = obtain("mend", lm, hp, data_path=path, records=records, train_fn=train_mend,
                  progress=bool(rt.progress) if rt is not None else False)
     sites = edit_sites(lm, hp)

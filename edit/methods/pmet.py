@@ -57,16 +57,16 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from locate import capture_at, resolve_layers
+from locate import resolve_layers
 from locate.errors import EditFailedError, InvalidHparamsError
 
-from ..context import subject_last_token, template_groups, templates_for
+from ..context import template_groups, templates_for
 from ..edit import Edit
 from ..registry import Runtime, register
 from ..request import Request
 from ..stats import stats_for
 from ..vstar import optimize_targets
-from .memit import PAPER_D_MLP, WindowHparams, check_conflicts, layer_update, layer_walk
+from .memit import PAPER_D_MLP, WindowHparams, chunks, check_conflicts, layer_update, layer_walk, subject_states
 
 PMET_GPTJ_LAMBDA = 6_000.0  # the authors' GPT-J mom2_update_weight (EasyEdit's GPT-J config: 15,000)
 
@@ -107,18 +107,9 @@ class PMETHparams(WindowHparams):
         return math.sqrt(layers_left) if self.residual_share == "sqrt" else float(layers_left)
 
 
-def _chunks(seq: Sequence, n: int):
-    for i in range(0, len(seq), n):
-        yield seq[i: i + n]
-
-
 def ffn_outputs(lm, requests: Sequence[Request], layer: int, *, chunk_size: int = 64) -> torch.Tensor:
     """m^layer: the FFN output of ``layer`` at each rendered prompt's last subject token, (B, d_model), float64."""
-    out = []
-    for chunk in _chunks(list(requests), chunk_size):
-        rows, pos = zip(*(subject_last_token(lm, "{}", r) for r in chunk))
-        out.append(capture_at(lm, rows, pos, lm.hook_mlp_out(layer)).double())
-    return torch.cat(out)
+    return subject_states(lm, requests, lm.hook_mlp_out(layer), chunk_size=chunk_size)
 
 
 def pmet_targets(lm, requests: Sequence[Request], L: int, templates: Sequence[str], hp: PMETHparams,
@@ -128,7 +119,7 @@ def pmet_targets(lm, requests: Sequence[Request], L: int, templates: Sequence[st
     request's final loss."""
     z_m, d_m, z_a, d_a, loss_trace, final_losses = [], [], [], [], [], []
     joint = ("attn_out",) if hp.optimize_attn else ()
-    for chunk in tqdm(list(_chunks(list(requests), hp.chunk_size)), desc=f"z^m, z^a at layer {L}", unit="chunk",
+    for chunk in tqdm(list(chunks(list(requests), hp.chunk_size)), desc=f"z^m, z^a at layer {L}", unit="chunk",
                       disable=not rt.progress or len(requests) <= hp.chunk_size):
         tv = optimize_targets(lm, chunk, L, site="mlp_out", templates=templates, joint_sites=joint,
                               top1_nll_factor=hp.top1_nll_factor, top1_stop_kl=hp.top1_stop_kl, **hp.vstar_kwargs())

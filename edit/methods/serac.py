@@ -70,7 +70,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -79,11 +78,11 @@ from locate.errors import EditFailedError, InvalidHparamsError
 from locate.hooks import capture
 
 from ..edit import Edit, HookModule, InputTransform
-from ..eval.datasets import find_data_dir
 from ..registry import Runtime, compute, register
 from ..request import Request
 from ..retrieval import SentenceEncoder, cached_embeddings
 from ..training import (
+    training_source,
     DEFAULT_TRAIN_DATA,
     EditorTrainer,
     TrainedEditor,
@@ -91,7 +90,6 @@ from ..training import (
     batch_at,
     obtain,
     run_training,
-    toy_records,
 )
 
 THRESHOLD = 0.5  # in scope when p(in scope) > 0.5 (the reference's)
@@ -389,15 +387,6 @@ class _SERACTrainer(EditorTrainer):
                 "d_model": self.lm.d_model}
 
 
-def _records_for(hp: SERACHparams, rt: Runtime | None) -> tuple[str | None, list[TrainingRecord] | None]:
-    if hp.train_data == "toy":
-        return None, toy_records()
-    p = Path(hp.train_data).expanduser()
-    if not p.is_absolute() and not p.is_file():
-        p = find_data_dir(rt.data_dir if rt is not None else None) / hp.train_data
-    return str(p), None
-
-
 def train_serac(lm, records: list[TrainingRecord], hp: SERACHparams, *, steps: int | None = None, out=None,
                 progress: bool = True, resume: bool = True) -> TrainedEditor:
     """Train SERAC's scope classifier head and counterfactual adapters for ``lm`` on ``records`` and save
@@ -417,7 +406,7 @@ def compute_serac(lm, requests: list[Request], hp: SERACHparams, rt: Runtime) ->
     t0 = time.perf_counter()
     memo = ("serac-editor", lm.fingerprint, json.dumps(asdict(hp), sort_keys=True, default=str), str(rt.data_dir))
     if memo not in rt.cache:  # the edits of one run load (and digest the training file) once
-        path, records = _records_for(hp, rt)
+        path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
         rt.cache[memo] = obtain("serac", lm, hp, data_path=path, records=records, train_fn=train_serac,
                                 progress=bool(rt.progress))
     art = rt.cache[memo]
