@@ -225,9 +225,19 @@ def _chunks(items: list, n: int) -> list[list]:
 
 
 # ---------------------------------------------------------------------------------------- the routine
-def fine_tune_edit(lm, requests: list[Request], hp: _FineTuneHparams, rt: Runtime, method: str) -> Edit:
+def adam_optimizer(master: dict[str, torch.Tensor], hp: _FineTuneHparams) -> torch.optim.Optimizer:
+    """FT's optimiser: Adam over the trained tensors, ``hp.lr`` and ``hp.weight_decay``."""
+    return torch.optim.Adam(list(master.values()), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def fine_tune_edit(lm, requests: list[Request], hp: _FineTuneHparams, rt: Runtime, method: str,
+                   make_optimizer=adam_optimizer) -> Edit:
     """The shared FT routine (module docstring): train θ on ``hp.objective`` under the bound (3) and
-    return the change as an unapplied :class:`edit.Edit` named ``method``; the model is restored bit-exactly."""
+    return the change as an unapplied :class:`edit.Edit` named ``method``; the model is restored bit-exactly.
+
+    ``make_optimizer(master, hp)``: the optimiser over ``master`` (``{name: tensor trained}``, float32
+    copies for half-precision weights), built once before the first step; Adam (:func:`adam_optimizer`)
+    for FT, another rule for methods that change only the update (RecAdam)."""
     layers, reason = resolve_layers(lm, hp.layers, 1)
     rows = [(lm.encode(r.rendered), lm.target_ids(r.target_new, r.rendered)) for r in requests]
     params = trained_parameters(lm, layers, hp.include_bias)
@@ -244,7 +254,7 @@ def fine_tune_edit(lm, requests: list[Request], hp: _FineTuneHparams, rt: Runtim
             # Adam's second moment and ε underflow in fp16. Float32/64 weights are trained in place.
             master = {name: (p if p.dtype in (torch.float32, torch.float64) else
                              p.detach().float().clone().requires_grad_(True)) for name, p in params}
-            opt = torch.optim.Adam(list(master.values()), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = make_optimizer(master, hp)
             for epoch in range(hp.steps):
                 total, count = 0.0, 0
                 for chunk in _chunks(rows, hp.batch_size):
