@@ -623,3 +623,127 @@ def load_csk_probes(path: str | Path, n: int | None = None) -> list[Case]:
                               extra={"label": label, "statement": r["prompt"],
                                      "probes": {t: list(r.get(t) or []) for t in CSK_PROBE_TYPES}}))
     return _first(cases, n)
+
+
+# --------------------------------------------------------------------------- bias pairs (PCGU)
+import csv  # noqa: E402  (CrowS-Pairs is a CSV with quoted fields; this section was appended to the module)
+
+_WORD = re.compile(r"[\w'’-]+|[^\w\s]")
+
+
+def _bias_pair(advantaged: str, disadvantaged: str, *, whole_rest: bool, subject: str | None = None) -> Request | None:
+    """The two sentences of a bias pair as one request: the prompt is the text before the first word
+    where they differ, ``target_true`` the advantaged (stereotypical) sentence's continuation from that
+    word, ``target_new`` the disadvantaged one's (the rest of each sentence with ``whole_rest``, else the
+    differing word alone). The subject (``{}``) is ``subject`` where it occurs in the prompt, else the
+    prompt's first word. None when the sentences differ from the first word on or not at all."""
+    wa, wd = list(_WORD.finditer(advantaged)), list(_WORD.finditer(disadvantaged))
+    i = next((j for j, (x, y) in enumerate(zip(wa, wd)) if x.group() != y.group()), None)
+    if i is None or i == 0:
+        return None
+    prompt = advantaged[: wa[i].start()].rstrip()
+    if disadvantaged[: wd[i].start()].rstrip() != prompt:
+        return None
+
+    def rest(text: str, words: list) -> str:
+        return " " + (text[words[i].start():].strip() if whole_rest else words[i].group())
+
+    t_true, t_new = rest(advantaged, wa), rest(disadvantaged, wd)
+    if t_true.strip() == t_new.strip():
+        return None
+    word = subject if subject and _word_at(prompt, subject) >= 0 else wa[0].group()
+    at = _word_at(prompt, word)
+    return Request(prompt[:at] + "{}" + prompt[at + len(word):], word, t_new, t_true)
+
+
+def load_winogender_pairs(path: str | Path, n: int | None = None, *, stats: str | Path | None = None,
+                          stats_column: str = "bls_pct_female") -> list[Case]:
+    """WinoGender as PCGU uses it (``bias/winogender/all_sentences.tsv`` and, beside it,
+    ``occupations-stats.tsv``). Each sentence's male and female versions form one pair; as in the PCGU
+    reference, the gender the occupation's statistics favour is advantaged (``stats_column`` below 50:
+    male advantaged, else female). The request's prompt is the sentence up to its first gendered
+    pronoun; ``target_true`` is the advantaged pronoun, ``target_new`` the other (" he" / " she", " his"
+    / " her", ...). ``extra``: occupation, participant, ``pct_female``, ``advantaged`` ("male"/"female")
+    and both sentences."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"WinoGender sentences file not found: {path}")
+    stats = Path(stats) if stats is not None else path.with_name("occupations-stats.tsv")
+    if not stats.is_file():
+        raise DatasetNotFoundError(f"WinoGender occupation statistics not found: {stats}")
+    with open(stats, encoding="utf-8") as f:
+        header, *lines = [ln.rstrip("\n").split("\t") for ln in f if ln.strip()]
+    if "occupation" not in header or stats_column not in header:
+        raise DatasetError(f"{stats}: expected columns 'occupation' and {stats_column!r}, got {header}")
+    pct = {row[header.index("occupation")]: float(row[header.index(stats_column)]) for row in lines}
+    groups: dict[tuple[str, str, str], dict[str, str]] = {}
+    with open(path, encoding="utf-8") as f:
+        rows = [ln.rstrip("\n").split("\t") for ln in f if ln.strip()]
+    for i, row in enumerate(rows[1:], start=1):
+        if len(row) != 2 or row[0].count(".") < 4:
+            raise DatasetError(f"{path} line {i + 1}: expected 'occupation.participant.answer.gender.txt<TAB>sentence'")
+        occupation, participant, answer, gender = row[0].split(".")[:4]
+        groups.setdefault((occupation, participant, answer), {})[gender] = row[1]
+    cases = []
+    for (occupation, participant, answer), by_gender in groups.items():
+        if "male" not in by_gender or "female" not in by_gender or occupation not in pct:
+            continue
+        advantaged = "male" if pct[occupation] < 50 else "female"
+        other = "female" if advantaged == "male" else "male"
+        req = _bias_pair(by_gender[advantaged], by_gender[other], whole_rest=False, subject=occupation)
+        if req is not None:
+            cases.append(Case(f"{occupation}.{participant}.{answer}", "winogender", [req],
+                              extra={"occupation": occupation, "participant": participant,
+                                     "pct_female": pct[occupation], "advantaged": advantaged,
+                                     "advantaged_sentence": by_gender[advantaged],
+                                     "disadvantaged_sentence": by_gender[other]}))
+    return _first(cases, n)
+
+
+def load_crows_pairs(path: str | Path, n: int | None = None, *, bias_type: str | None = None) -> list[Case]:
+    """CrowS-Pairs (``bias/crows_pairs/crows_pairs_anonymized.csv``). ``sent_more`` (the sentence that
+    is more stereotyping, the one the CrowS-Pairs metric counts a preference for) is advantaged:
+    ``target_true`` is its continuation from the first word where the pair differs, ``target_new``
+    ``sent_less``'s, the prompt the words they share before it. Pairs that differ from the first word on
+    are skipped (no shared prompt for a causal model). ``bias_type`` keeps one category (e.g.
+    ``"gender"``, ``"race-color"``). ``extra``: both sentences, ``direction`` (stereo/antistereo), bias type."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"CrowS-Pairs file not found: {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        records = list(csv.DictReader(f))
+    cases = []
+    for i, r in enumerate(records):
+        _need(r, ("sent_more", "sent_less", "stereo_antistereo", "bias_type"), path, i)
+        if bias_type is not None and r["bias_type"] != bias_type:
+            continue
+        req = _bias_pair(r["sent_more"], r["sent_less"], whole_rest=True)
+        if req is not None:
+            cases.append(Case(r.get("") or i, "crows_pairs", [req],
+                              extra={"sent_more": r["sent_more"], "sent_less": r["sent_less"],
+                                     "direction": r["stereo_antistereo"], "bias_type": r["bias_type"]}))
+    return _first(cases, n)
+
+
+def load_stereoset_pairs(path: str | Path, n: int | None = None) -> list[Case]:
+    """EditBias's StereoSet intrasentence splits (``bias/stereoset_editbias/{dev,gender_test,race_test,
+    religion_test}.json``: context with ``BLANK`` and its stereotype / anti-stereotype / unrelated
+    sentences). The stereotype is advantaged: ``target_true`` is its continuation from the filled blank,
+    ``target_new`` the anti-stereotype's, the prompt the context before the blank. Items whose blank is
+    the first word are skipped. ``extra``: target group, bias type, the three sentences."""
+    path = Path(path)
+    data = _read(path, "StereoSet (EditBias split)")
+    cases = []
+    for i, r in enumerate(data):
+        _need(r, ("context", "data", "bias_type"), path, i)
+        d = r["data"]
+        if not all(k in d for k in ("stereotype", "anti-stereotype")):
+            raise DatasetError(f"{path} record {i}: 'data' needs 'stereotype' and 'anti-stereotype'")
+        stereo, anti = d["stereotype"]["sentence"], d["anti-stereotype"]["sentence"]
+        req = _bias_pair(stereo, anti, whole_rest=True, subject=r.get("target"))
+        if req is not None:
+            cases.append(Case(r.get("id", i), f"stereoset:{path.stem}", [req],
+                              extra={"target": r.get("target"), "bias_type": r["bias_type"], "stereotype": stereo,
+                                     "anti_stereotype": anti,
+                                     "unrelated": (d.get("unrelated") or {}).get("sentence")}))
+    return _first(cases, n)
