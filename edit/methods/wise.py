@@ -75,6 +75,7 @@ How this differs from the reference (EasyEdit ``easyeditor/models/wise``):
 * The routing (2) is per sequence of a batch; EasyEdit reads one score for the whole batch (``.item()``,
   batch size 1 in its evaluation). Padding positions are left out of the means (EasyEdit averages over
   them, with ``act_mask`` only for prompts that contain their locality prompt, which is not built).
+  A forward with a key-value cache routes each new chunk of tokens on its own.
 * Weight decay acts on the masked entries only (``decay_outside_mask=False``): EasyEdit's SGD decays
   every entry of W_v' by ``edit_lr · weight_decay`` per step, outside the shard's subspace too;
   ``decay_outside_mask=True`` does that.
