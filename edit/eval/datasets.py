@@ -23,6 +23,7 @@ the edit writes ``alt`` and ``answers[0]`` is the fact it replaces (the ROME cod
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -626,7 +627,6 @@ def load_csk_probes(path: str | Path, n: int | None = None) -> list[Case]:
 
 
 # --------------------------------------------------------------------------- bias pairs (PCGU)
-import csv  # noqa: E402  (CrowS-Pairs is a CSV with quoted fields; this section was appended to the module)
 
 _WORD = re.compile(r"[\w'’-]+|[^\w\s]")
 
