@@ -24,7 +24,6 @@ same settings is not recomputed. ``--n`` limits each set to its first n statemen
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -36,23 +35,7 @@ from edit.eval.commonsense import config_scores, predict_labels, probe_predictio
 from edit.eval.datasets import find_data_dir, load_csk, load_csk_probes
 from edit.methods.memit_csk import edit_token_profile
 from locate import LayerProfile
-
-
-def read(path: Path, settings: dict):
-    if path.is_file():
-        rec = json.loads(path.read_text())
-        if rec.get("settings") == settings:
-            return rec
-    return None
-
-
-def write(path: Path, settings: dict, body: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"settings": settings, **body}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, default=float))
-    tmp.replace(path)
-    return rec
+from _records import read, write  # bench/_records.py (scripts run from bench/)
 
 
 def profile_for(lm, out: Path, ds_dir: Path, token: str, args) -> LayerProfile | None:

@@ -29,24 +29,9 @@ from edit.eval.datasets import find_data_dir, load_crows_pairs, load_stereoset_p
 from edit.eval.metrics import perplexity
 from edit.stats import token_stream
 
+from _records import read, write  # bench/_records.py (scripts run from bench/)
+
 EVAL_SETS = ("crows_pairs", "stereoset_gender", "stereoset_race", "stereoset_religion", "winogender")
-
-
-def read(path: Path, settings: dict):
-    if path.is_file():
-        rec = json.loads(path.read_text())
-        if rec.get("settings") == settings:
-            return rec
-    return None
-
-
-def write(path: Path, settings: dict, body: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"settings": settings, **body}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, default=float))
-    tmp.replace(path)
-    return rec
 
 
 def eval_pairs(data: Path, name: str, n: int | None) -> list[edit.Request]:
