@@ -147,6 +147,21 @@ def load_training_data(path: str | Path, limit: int | None = None) -> list[Train
     return records
 
 
+@dataclass
+class TrainingHparams:
+    """What every trained editor's hyperparameters share: how long it trains, how its training curve and
+    checkpoints are kept, and where its data and artefact come from (a method's dataclass extends it)."""
+
+    train_steps: int = 250  # optimiser steps (the references: up to 100,000 with early stopping; the CPU budget)
+    val_fraction: float = 0.05  # share of the training file held out for the training curve (at most 100)
+    eval_every: int = 50  # steps between points of the training curve (and one at the end)
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    seed: int = 0  # data order and initialisation
+    train_data: str = DEFAULT_TRAIN_DATA  # training file (relative to the data directory), or "toy" (tests)
+    editor: Any = None  # folder of a trained editor (default: the cache folder of its key)
+    train_if_missing: bool = False  # TESTS ONLY: train a missing editor instead of failing (never on by default)
+
+
 def training_source(train_data: str, data_dir=None) -> tuple[str | None, list[TrainingRecord] | None]:
     """Where an editor's training records come from: ``(path, None)`` for a file (a relative name that is
     not a file here is looked up in the data directory, ``data_dir`` or :func:`find_data_dir`'s search),

@@ -88,8 +88,8 @@ from ..edit import Edit, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import Request
 from ..training import (
+    TrainingHparams,
     training_source,
-    DEFAULT_TRAIN_DATA,
     EditorTrainer,
     TrainedEditor,
     TrainingRecord,
@@ -100,7 +100,7 @@ from ..training import (
 
 
 @dataclass
-class MENDHparams:
+class MENDHparams(TrainingHparams):
     """MEND's hyperparameters (EasyEdit ``hparams/TRAINING/MEND/llama-7b.yaml``, scaled down for the CPU
     where noted)."""
 
@@ -115,15 +115,8 @@ class MENDHparams:
     c_loc: float = 1.0  # weight of the locality KL (EasyEdit: cloc 1.0)
     grad_clip: float = 100.0  # gradient norm clip (EasyEdit: 100)
     batch_size: int = 5  # records (one edit each) per optimiser step (EasyEdit: accumulate_bs 10)
-    train_steps: int = 250  # optimiser steps (EasyEdit: up to 100,000 with early stopping; the CPU budget)
     edit_loss_on: str = "request"  # "request" (EasyEdit's edit_inner) or "paraphrases" (the paper's x'_e)
-    val_fraction: float = 0.05  # share of the training file held out for the training curve (at most 100)
     eval_every: int = 125  # steps between points of the training curve (and one at the end)
-    checkpoint_every: int = 50  # steps between resumable checkpoints
-    seed: int = 0  # data order and initialisation
-    train_data: str = DEFAULT_TRAIN_DATA  # training file (relative to the data directory), or "toy" (tests)
-    editor: Any = None  # folder of a trained editor (default: the cache folder of its key)
-    train_if_missing: bool = False  # TESTS ONLY: train a missing editor instead of failing (never on by default)
 
     def __post_init__(self):
         if self.edit_loss_on not in ("request", "paraphrases"):

@@ -70,7 +70,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -82,8 +82,8 @@ from ..registry import Runtime, compute, register
 from ..request import Request
 from ..retrieval import SentenceEncoder, cached_embeddings
 from ..training import (
+    TrainingHparams,
     training_source,
-    DEFAULT_TRAIN_DATA,
     EditorTrainer,
     TrainedEditor,
     TrainingRecord,
@@ -96,7 +96,7 @@ THRESHOLD = 0.5  # in scope when p(in scope) > 0.5 (the reference's)
 
 
 @dataclass
-class SERACHparams:
+class SERACHparams(TrainingHparams):
     """SERAC's hyperparameters (EasyEdit ``hparams/TRAINING/SERAC/llama-7b.yaml`` where they carry over;
     the scaled-down parts are noted)."""
 
@@ -105,14 +105,6 @@ class SERACHparams:
     cls_lr: float = 1e-3  # Adam learning rate of the classifier head P and scale s
     init_scale: float = 1.155  # initial s: in scope above cosine 0.7 of the raw embeddings (exp(-s·0.6) = 0.5)
     batch_size: int = 10  # records per step (EasyEdit: batch_size 10)
-    train_steps: int = 250  # optimiser steps (EasyEdit: up to 100,000 with early stopping; the CPU budget)
-    val_fraction: float = 0.05  # share of the training file held out for the training curve (at most 100)
-    eval_every: int = 50  # steps between points of the training curve (and one at the end)
-    checkpoint_every: int = 50  # steps between resumable checkpoints
-    seed: int = 0  # data order and initialisation
-    train_data: str = DEFAULT_TRAIN_DATA  # training file (relative to the data directory), or "toy" (tests)
-    editor: Any = None  # folder of a trained editor (default: the cache folder of its key)
-    train_if_missing: bool = False  # TESTS ONLY: train a missing editor instead of failing (never on by default)
 
     def __post_init__(self):
         if not isinstance(self.cf_rank, int) or self.cf_rank < 1:
