@@ -92,6 +92,14 @@ OBJECTIVES = ("prompt_last", "target_new")
 UNITS = ("absolute", "rms")
 
 
+def check_real(hp, name: str, *, positive: bool) -> None:
+    """Refuse a hyperparameter ``name`` of ``hp`` that is not a finite, non-negative (or positive) number."""
+    v = getattr(hp, name)
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < 0 or (positive and v == 0):
+        raise InvalidHparamsError(f"{name} must be a finite {'positive' if positive else 'non-negative'} "
+                                  f"number, got {v!r}")
+
 @dataclass
 class _FineTuneHparams:
     """The fields every FT variant has; each variant's subclass sets its reference's defaults."""
@@ -114,11 +122,7 @@ class _FineTuneHparams:
                 raise InvalidHparamsError(f"{name} must be a positive int, got {v!r}")
 
         def real(name, *, positive):
-            v = getattr(self, name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (positive and v == 0):
-                raise InvalidHparamsError(f"{name} must be a finite {'positive' if positive else 'non-negative'} "
-                                          f"number, got {v!r}")
+            check_real(self, name, positive=positive)
 
         positive_int("steps")
         positive_int("batch_size")

@@ -47,7 +47,6 @@ is recorded in ``Edit.metrics["anneal_lambda"]``.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +56,7 @@ from locate.errors import InvalidHparamsError
 from ..edit import Edit
 from ..registry import Runtime, register
 from ..request import Request
-from .ft import FTHparams, fine_tune_edit
+from .ft import FTHparams, check_real, fine_tune_edit
 
 ANNEALS = ("sigmoid", "linear", "constant")
 
@@ -133,11 +132,7 @@ class RecAdamHparams(FTHparams):
         super().__post_init__()
 
         def real(name, *, positive):
-            v = getattr(self, name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (positive and v == 0):
-                raise InvalidHparamsError(f"{name} must be a finite {'positive' if positive else 'non-negative'} "
-                                          f"number, got {v!r}")
+            check_real(self, name, positive=positive)
 
         real("gamma", positive=False)
         real("anneal_k", positive=False)
