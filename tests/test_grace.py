@@ -241,3 +241,21 @@ def test_grace_without_removes_exactly_one_entry(gpt2):
     assert torch.equal(got[1, :n], base[1, :n])  # the removed fact is back to the base model, bit for bit
     with pytest.raises(IndexError):
         grace_without(e, 3)
+
+
+@pytest.mark.filterwarnings("ignore::locate.errors.EditIneffectiveWarning")  # FT's 2 steps need not take
+def test_training_from_the_saved_layer_input_matches_full_forwards(gpt2, monkeypatch):
+    """GRACE trains its values from the layer's saved input (blocks below it skipped): the values and the
+    loss trace are those of full forwards, also with another edit applied below the layer."""
+    import contextlib
+
+    lm = gpt2
+    layer = lm.cfg.n_layers - 1
+    below = edit.ft(PIANO, model=lm, method="ft", layer=0, steps=2)  # changes the input the codebook's layer sees
+    with edit.applied(lm, below):
+        fast = grace(EIFFEL, model=lm, layer=layer, eps=SMALL_EPS, n_iter=N_ITER)
+        monkeypatch.setattr(type(lm), "start_at_block", lambda self, layer, resid: contextlib.nullcontext())
+        full = grace(EIFFEL, model=lm, layer=layer, eps=SMALL_EPS, n_iter=N_ITER)
+    assert fast.loss_trace == pytest.approx(full.loss_trace, rel=1e-5, abs=1e-6)
+    assert fast.loss_trace[-1] < fast.loss_trace[0]
+    torch.testing.assert_close(fast.interventions[0].values, full.interventions[0].values, rtol=1e-5, atol=1e-6)
