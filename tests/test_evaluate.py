@@ -109,6 +109,29 @@ def test_resume_skips_done_cases(tiny_lm, tmp_path):
                       hparams={"scale": 2e-3})
 
 
+def test_a_single_mode_run_extends_to_a_longer_case_list(tiny_lm, tmp_path):
+    """--n 2 then --n 3: the longer run keeps the 2 records (they are what it would write) and edits only
+    the third case; a list that does not start with the old one, another fluency split of the old
+    cases, another setting, or another mode are refused."""
+    CALLS.clear()
+    short = edit.evaluate("bump", _cases()[:2], model=tiny_lm, out=tmp_path, fluency=2, gen_length=8, progress=False)
+    assert CALLS == ["Marco", "Jean"]
+    CALLS.clear()
+    longer = edit.evaluate("bump", _cases(), model=tiny_lm, out=tmp_path, fluency=2, gen_length=8, progress=False)
+    assert CALLS == ["Otto"] and len(longer.records) == 3
+    assert longer.records[:2] == short.records and "fluency" in longer.records[1] and "fluency" not in longer.records[2]
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"]["cases"] == ["0", "1", "2"]
+    fresh = edit.evaluate("bump", _cases(), model=tiny_lm, fluency=2, gen_length=8, progress=False)
+    drop = ("edit_seconds", "peak_memory_mb", "seconds")
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in longer.records]
+            == [{k: v for k, v in r.items() if k not in drop} for r in fresh.records])
+    for kw in ({"cases": _cases()[1:]}, {"fluency": 1}, {"fluency": 2, "gen_length": 9},
+               {"fluency": 2, "mode": "sequential"}):
+        cases = kw.pop("cases", _cases())
+        with pytest.raises(LocateEditError, match="different settings"):
+            edit.evaluate("bump", cases, model=tiny_lm, out=tmp_path, **{"gen_length": 8, **kw}, progress=False)
+
+
 def test_auto_layers_are_pinned_in_the_settings_and_guard_the_resume(tiny_lm, tmp_path, monkeypatch):
     """A run records the layers "auto" resolved to; if "auto" later resolves elsewhere (a recomputed
     calibration), resuming fails instead of mixing layers in one table."""

@@ -218,8 +218,29 @@ def _settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _fluent(fluency: bool | int, index: int) -> bool:
+    """Whether the case at ``index`` of a run's case list is scored for fluency."""
+    return bool(fluency) if isinstance(fluency, bool) else index < fluency
+
+
+def _extends(old: dict, new: dict) -> bool:
+    """Whether a single-mode run with settings ``new`` extends the run ``old`` to more cases: the same
+    settings but for the case list, of which the old one is a prefix, and a fluency count that scores
+    the same old cases for fluency. Each case of such a run is scored alone on the unedited model, so
+    its old records are exactly what the longer run would write for them."""
+    if old.get("mode") != "single" or new.get("mode") != "single" or "shard" in old or "shard" in new:
+        return False
+    rest = ("cases", "fluency")
+    if {k: v for k, v in old.items() if k not in rest} != {k: v for k, v in new.items() if k not in rest}:
+        return False
+    before, after = list(old.get("cases", [])), list(new.get("cases", []))
+    return (after[: len(before)] == before
+            and all(_fluent(old["fluency"], i) == _fluent(new["fluency"], i) for i in range(len(before))))
+
+
 class _Store:
-    """records.jsonl in ``out``, guarded by the settings it was made with."""
+    """records.jsonl in ``out``, guarded by the settings it was made with. A single-mode run resumes
+    also with a longer case list that starts with the old one (:func:`_extends`): the run is extended."""
 
     def __init__(self, out: str | Path | None, settings: dict, resume: bool):
         self.dir = None if out is None else Path(out)
@@ -231,9 +252,11 @@ class _Store:
         key = _settings_key(settings)
         if sfile.is_file() and resume:
             old = json.loads(sfile.read_text())
-            if old.get("key") != key:
+            if old.get("key") != key and not _extends(old.get("settings", {}), json.loads(json.dumps(settings, default=str))):
                 raise LocateEditError(f"{self.dir} holds a run with different settings ({sfile}); "
                                       "use another output directory or resume=False")
+            if old.get("key") != key:  # extended: the same run over more cases
+                sfile.write_text(json.dumps({"key": key, "settings": settings}, indent=1, default=str))
             if self.rfile.is_file():
                 for line in self.rfile.read_text().splitlines():
                     if line.strip():
