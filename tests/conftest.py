@@ -10,6 +10,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the Hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (README's ``-n 2``) the workers share the cores: one worker's torch threads
+    must not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
