@@ -3,8 +3,9 @@
     python bench/method_table.py --methods alphaedit,grace,kn --n 200 --fluency-cases 50 \
         --hparam grace:layers=25 --out results/methods_cf
 
-Each method runs through ``edit.evaluate`` (the registry), with key statistics from WikiText-2 (valid)
-and the data directory for methods that read data (IKE's demonstration pool). Re-running resumes.
+Each method runs through ``edit.evaluate`` (the registry), with key statistics from ``--corpus`` (default:
+the packaged WikiText-2 validation head, as every entry point) and the data directory for methods that
+read data (IKE's demonstration pool). Re-running resumes; a larger ``--n`` extends the runs.
 At the end ``table.md`` holds every method found under ``--out`` (and ``--include`` directories).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import edit
 import locate
 from edit.eval import Results, format_table
-from locate_edit.cli.common import parse_method_hparams
+from locate_edit.cli.common import CORPUS_HELP, corpus_arg, parse_method_hparams
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--fluency-cases", type=int, default=50, help="fluency on the first K cases (0: none)")
     ap.add_argument("--gen-length", type=int, default=100)
     ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--corpus", default=None, help=CORPUS_HELP)
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="results/methods_cf")
     ap.add_argument("--include", default="", help="comma-separated extra run directories for the table")
@@ -37,9 +39,9 @@ def main() -> None:
         if m != "none":
             edit.get_method(m)  # refuse an unknown name before any work
     hps = parse_method_hparams(args.hparam)
+    corpus = corpus_arg(args.corpus)
     lm = locate.default_model()
     cases = edit.load_counterfact(data / "counterfact/counterfact_dev_800.json", args.n)
-    corpus = data / "wikitext/wikitext-2-raw/wiki.valid.raw"
     out = Path(args.out)
     for m in methods:
         t = time.perf_counter()
