@@ -259,3 +259,10 @@ def test_training_from_the_saved_layer_input_matches_full_forwards(gpt2, monkeyp
     assert fast.loss_trace == pytest.approx(full.loss_trace, rel=1e-5, abs=1e-6)
     assert fast.loss_trace[-1] < fast.loss_trace[0]
     torch.testing.assert_close(fast.interventions[0].values, full.interventions[0].values, rtol=1e-5, atol=1e-6)
+    # the reported final loss is the target's mean NLL under a plain forward of the edited model
+    with edit.applied(lm, below), edit.applied(lm, fast), torch.no_grad():
+        prompt = lm.encode(EIFFEL.rendered)
+        target = lm.target_ids(EIFFEL.target_new, EIFFEL.rendered)
+        logp = lm.forward(lm.pad([prompt + target])).float().log_softmax(-1)[0]
+        nll = -sum(float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(target)) / len(target)
+    assert fast.metrics["final_loss"] == pytest.approx(nll, rel=1e-4, abs=1e-5)

@@ -346,8 +346,12 @@ def compute_grace(lm, requests: list[Request], hp: GRACEHparams, rt: Runtime) ->
         return y
 
     def losses() -> torch.Tensor:  # each request's mean NLL over its target tokens, (B,)
-        logits = lm.forward(batch)
-        nll = -torch.log_softmax(logits[pred_rows, pred_pos].float(), -1).gather(1, gold[:, None])[:, 0]
+        # the final hidden states, unembedded only where a target token is predicted
+        with capture(lm, "unembed.hook_in", detach=False) as final:
+            lm.forward(batch)
+        h = final["unembed.hook_in"][pred_rows, pred_pos]
+        logits = lm.bridge.unembed(h[None])[0].to(lm.device)  # lm_head may sit on another device
+        nll = -torch.log_softmax(logits.float(), -1).gather(1, gold[:, None])[:, 0]
         return torch.zeros(len(requests), device=lm.device).index_add(0, pred_rows, nll) / n_tok
 
     # Blocks below the codebook's layer do not see the values: run them once, and start every training
