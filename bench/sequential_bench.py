@@ -9,6 +9,8 @@ method, one per request otherwise). Before any edit and after every batch the sc
 edited so far (single-case CounterFact metrics, no fluency), the perplexity of the first
 ``--ppl-tokens`` tokens of WikiText-2 test and the accuracy on the first ``--piqa`` PIQA validation
 questions (general ability), and the norm and condition number of the accumulated MLP update per layer.
+Key statistics come from ``--corpus`` (default: the packaged WikiText-2 validation head, the default of
+every entry point; runs made when this script read ``wiki.valid.raw`` itself used the same tokens).
 
 ``--dataset counterfact`` (default) reads the 800 full-schema dev cases; ``counterfact-edit`` reads
 EasyEdit's simplified CounterFact edit split (9,693 cases: one paraphrase and one neighbourhood prompt
@@ -32,7 +34,7 @@ from edit.eval.metrics import aggregate, perplexity, score_case
 from edit.stats import token_stream
 from edit.eval import load_piqa
 from edit.eval.metrics import choice_accuracy
-from locate_edit.cli.common import parse_method_hparams
+from locate_edit.cli.common import CORPUS_HELP, corpus_arg, parse_method_hparams
 
 # name -> (loader, file under --data)
 DATASETS = {"counterfact": (edit.load_counterfact, "counterfact/counterfact_dev_800.json"),
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--piqa", type=int, default=200, help="PIQA validation questions per checkpoint (0: none)")
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="counterfact")
     ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--corpus", default=None, help=CORPUS_HELP)
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="results/sequential_cf")
     ap.add_argument("--report", default=None, help="comma-separated method run directories: print their curves "
@@ -62,6 +65,7 @@ def main() -> None:
     for m in methods:
         edit.get_method(m)
     hps = parse_method_hparams(args.hparam)
+    corpus = corpus_arg(args.corpus)
     lm = locate.default_model()
     loader, file = DATASETS[args.dataset]
     cases = loader(data / file, args.n)
@@ -69,7 +73,6 @@ def main() -> None:
         raise SystemExit(f"{file} has only {len(cases)} cases, fewer than --n {args.n}")
     piqa = load_piqa(data / "locality/piqa_valid.jsonl", args.piqa) if args.piqa else []
     ppl_tokens = token_stream(lm, data / "wikitext/wikitext-2-raw/wiki.test.raw", args.ppl_tokens)[0]
-    corpus = data / "wikitext/wikitext-2-raw/wiki.valid.raw"
     batches = [cases[i: i + args.batch_size] for i in range(0, len(cases), args.batch_size)]
     for m in methods:
         out = Path(args.out) / m
