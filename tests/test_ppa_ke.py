@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
 
 import edit
 from edit import Request
+from edit.training import TrainedEditorMissingError, toy_records
 from locate.errors import InvalidHparamsError
 from locate.testing import tiny_model
 
 ppa_mod = importlib.import_module("edit.methods.ppa")
+ke_mod = importlib.import_module("edit.methods.ke")
+mend_mod = importlib.import_module("edit.methods.mend")
 
 A = Request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
 B = Request("My favourite {} is", "food", " pizza")
@@ -115,3 +119,79 @@ def test_ppa_save_load_and_hparams(gpt2, tmp_path):
         with pytest.raises(InvalidHparamsError):
             edit.compute("ppa", [A], model=gpt2, **dict(TINY_PPA, **bad))
     assert not gpt2.applied_edits
+
+
+# ====================================================================== KE
+TINY_KE = dict(train_data="toy", train_steps=100, batch_size=2, lr=1e-2, lstm_hidden=32, condition_dim=32, hidden_dim=32,
+               eval_every=50, checkpoint_every=50)
+HELD_OUT = [Request("{} is located in the city of", s, t) for s, t in
+            [("Big Ben", " Vienna"), ("The Colosseum", " Dublin"), ("Sydney Opera House", " Prague"),
+             ("Mount Everest", " Athens")]]
+
+
+@pytest.fixture(scope="module")
+def cache(gpt2, tmp_path_factory):
+    """A private cache for this module's editors."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def _nll(lm, requests) -> float:
+    batch, rows, pos, gold = mend_mod._rows(lm, requests)
+    with torch.no_grad():
+        return float(mend_mod._target_nll(lm.forward(batch), rows, pos, gold))
+
+
+def test_trained_ke_lowers_held_out_loss_more_than_gradient_steps_of_the_same_size(gpt2, cache):
+    """On requests it never saw (new subjects and new targets), the trained editor's update (4) lowers the
+    edit loss more than a plain gradient step of the same size (ΔW = −c ∇W with ‖c ∇W‖ = ‖ΔW_KE‖ for
+    every edited weight: steepest descent at KE's step length), and the untrained editor does almost
+    nothing (its gate A is a softmax over d_out rows: ≈ 1/d_out of the gradient)."""
+    hp = edit.get_method("ke").make_hparams(TINY_KE)
+    ke_mod.train_ke(gpt2, toy_records(), hp, progress=False)
+    net, _ = ke_mod.load_editor(gpt2, hp)
+    fresh = ke_mod.KEEditor(net.sites, ke_mod._embedding(gpt2), hp)
+    gains_ke, gains_grad, gains_fresh = [], [], []
+    for r in HELD_OUT:
+        base = _nll(gpt2, [r])
+        e = edit.compute("ke", [r], model=gpt2, hparams=hp, runtime=edit.Runtime(check_efficacy=False))
+        with edit.applied(gpt2, e):
+            gains_ke.append(base - _nll(gpt2, [r]))
+        grads = mend_mod.gradient_factors(gpt2, [r], net.sites)
+        with torch.no_grad():
+            learned = net.factors(ke_mod.condition_batch(gpt2, [r]), grads)
+            untrained = fresh.factors(ke_mod.condition_batch(gpt2, [r]), grads)
+        plain = {}
+        for s, (u, d) in grads.items():
+            left, right = learned[s]
+            c = (left.T @ right).norm() / (d.T @ u).norm()
+            plain[s] = (-c * d, u)
+        with torch.no_grad(), gpt2.hooks(mend_mod._edited_hooks(plain)):
+            gains_grad.append(base - _nll(gpt2, [r]))
+        with torch.no_grad(), gpt2.hooks(mend_mod._edited_hooks(untrained)):
+            gains_fresh.append(base - _nll(gpt2, [r]))
+    assert all(k > g for k, g in zip(gains_ke, gains_grad)), (gains_ke, gains_grad)
+    assert sum(gains_ke) / 4 > sum(gains_grad) / 4 + 0.05, (gains_ke, gains_grad)  # ≈ 1.17 against ≈ 1.08
+    assert all(abs(f) < 0.05 for f in gains_fresh) and min(gains_ke) > 0.8, (gains_fresh, gains_ke)
+
+    # (4) as exact low-rank factors: in the last block only the position predicting the one-token target
+    # carries a gradient, so each of its deltas has rank 2 (the gated gradient term and the shift B)
+    e = edit.compute("ke", HELD_OUT[:1], model=gpt2, hparams=hp, runtime=edit.Runtime(check_efficacy=False))
+    assert len(e.deltas) == 4 and e.layers == [0, 1]
+    assert all(d.rank == 2 for d in e.deltas if d.layer == 1)
+
+
+def test_missing_ke_editor_fails_with_the_training_command(gpt2, cache, tmp_path):
+    data = tmp_path / "facts-train.json"
+    data.write_text(json.dumps([{"prompt": r.request.rendered, "subject": r.request.subject,
+                                 "target_new": r.request.target_new.strip(), "ground_truth": "Paris",
+                                 "rephrase_prompt": r.paraphrases[0], "locality_prompt": r.locality[0][0],
+                                 "locality_ground_truth": r.locality[0][1].strip()} for r in toy_records()]))
+    state = _state(gpt2)
+    with pytest.raises(TrainedEditorMissingError) as err:
+        edit.compute("ke", HELD_OUT[:1], model=gpt2, train_data=str(data), hidden_dim=4)
+    cmd = f"locate-edit train ke --data {data} --model tiny-gpt2 --hparam hidden_dim=4"
+    assert err.value.command == cmd and str(err.value).endswith(cmd)
+    assert _same_state(gpt2, state) and not gpt2.applied_edits

@@ -337,6 +337,22 @@ def _edited_hooks(factors: dict[_Site, tuple[torch.Tensor, torch.Tensor]]) -> li
     return hooks
 
 
+def weight_deltas(lm, factors: dict[_Site, tuple[torch.Tensor, torch.Tensor]], method: str) -> list[WeightDelta]:
+    """The edit ΔW = leftᵀ right (d_out, d_in) of each site as a low-rank :class:`edit.WeightDelta` in
+    the stored weight's layout; a non-finite factor raises :class:`EditFailedError` (``method`` names it)."""
+    deltas = []
+    for s, (left, right) in factors.items():
+        W = lm.parameter(s.param)
+        if s.transposed:  # stored (d_in, d_out): ΔWᵀ = rightᵀ left
+            d = WeightDelta(s.param, left=right.T.to(W.dtype).contiguous(), right=left.to(W.dtype).contiguous())
+        else:
+            d = WeightDelta(s.param, left=left.T.to(W.dtype).contiguous(), right=right.to(W.dtype).contiguous())
+        if not all(bool(torch.isfinite(t).all()) for t in d.tensors().values()):
+            raise EditFailedError(f"{method} produced a non-finite edit; the model is unchanged")
+        deltas.append(d)
+    return deltas
+
+
 # ====================================================================== training
 class _MENDTrainer(EditorTrainer):
     def __init__(self, lm, train: list[TrainingRecord], val: list[TrainingRecord], hp: MENDHparams):
@@ -351,13 +367,18 @@ class _MENDTrainer(EditorTrainer):
         pairs = list(rec.locality) or [("The capital of France is", " Paris")]
         return self.lm.pad([self.lm.encode(p) + self.lm.target_ids(a, p) for p, a in pairs])
 
+    def _edit_factors(self, rec: TrainingRecord, grads: dict, observe: bool = False) -> dict:
+        """The trained editor's edit of ``rec`` as factors {site: (left, right)}, from the gradient's
+        factors (1) (a trainer for another gradient-based editor, KE, overrides this)."""
+        return self.module.factors(grads, observe=observe)
+
     def _losses(self, rec: TrainingRecord, observe: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         lm, hp = self.lm, self.hp
         loc = self._locality_batch(rec)
         with torch.no_grad(), lm.eval_mode():
             base_loc = lm.forward(loc).float()
         grads = gradient_factors(lm, [rec.request], self.sites)
-        factors = self.module.factors(grads, observe=observe)
+        factors = self._edit_factors(rec, grads, observe=observe)
         reqs = [rec.request]
         if hp.edit_loss_on == "paraphrases":
             reqs += [Request(p.replace(rec.request.subject, "{}", 1) if rec.request.subject in p else "{} " + p,
@@ -397,7 +418,7 @@ class _MENDTrainer(EditorTrainer):
             for rec in self.val:
                 with torch.enable_grad():
                     grads = gradient_factors(self.lm, [rec.request], self.sites)
-                factors = self.module.factors(grads)
+                factors = self._edit_factors(rec, grads)
                 _, _, info = self._losses_eval(rec, factors)
                 accs.append(info["acc"])
                 locs.append(info["loc"])
@@ -459,16 +480,7 @@ def compute_mend(lm, requests: list[Request], hp: MENDHparams, rt: Runtime) -> E
     grads = gradient_factors(lm, list(requests), net.sites)
     with torch.no_grad():
         factors = net.factors(grads)
-    deltas = []
-    for s, (left, right) in factors.items():  # ΔW = leftᵀ right, (d_out, d_in)
-        W = lm.parameter(s.param)
-        if s.transposed:  # stored (d_in, d_out): ΔWᵀ = rightᵀ left
-            d = WeightDelta(s.param, left=right.T.to(W.dtype).contiguous(), right=left.to(W.dtype).contiguous())
-        else:
-            d = WeightDelta(s.param, left=left.T.to(W.dtype).contiguous(), right=right.to(W.dtype).contiguous())
-        if not all(bool(torch.isfinite(t).all()) for t in d.tensors().values()):
-            raise EditFailedError("MEND produced a non-finite edit; the model is unchanged")
-        deltas.append(d)
+    deltas = weight_deltas(lm, factors, "MEND")
     return Edit(
         method="mend", requests=list(requests), interventions=deltas, fingerprint=lm.fingerprint,
         model_name=lm.name, layer_reason=f"MLPs of blocks {sorted({s.layer for s in net.sites})}: "
