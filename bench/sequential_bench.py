@@ -9,6 +9,8 @@ method, one per request otherwise). Before any edit and after every batch the sc
 edited so far (single-case CounterFact metrics, no fluency), the perplexity of the first
 ``--ppl-tokens`` tokens of WikiText-2 test and the accuracy on the first ``--piqa`` PIQA validation
 questions (general ability), and the norm and condition number of the accumulated MLP update per layer.
+Every case is also scored once on the unedited model (``out/unedited_<dataset>.jsonl``), and each
+checkpoint records the unedited ES/PS/NS of the same cases beside the edited ones.
 Key statistics come from ``--corpus`` (default: the packaged WikiText-2 validation head, the default of
 every entry point; runs made when this script read ``wiki.valid.raw`` itself used the same tokens).
 
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import edit
 import locate
@@ -74,6 +77,7 @@ def main() -> None:
     piqa = load_piqa(data / "locality/piqa_valid.jsonl", args.piqa) if args.piqa else []
     ppl_tokens = token_stream(lm, data / "wikitext/wikitext-2-raw/wiki.test.raw", args.ppl_tokens)[0]
     batches = [cases[i: i + args.batch_size] for i in range(0, len(cases), args.batch_size)]
+    unedited = unedited_scores(lm, cases, Path(args.out) / f"unedited_{args.dataset}.jsonl")
     for m in methods:
         out = Path(args.out) / m
         (out / "edits").mkdir(parents=True, exist_ok=True)
@@ -106,6 +110,9 @@ def main() -> None:
             recs = [score_case(lm, c, fluency=False) for c in cases[:n]]
             agg = {k: v for k, v in aggregate(recs).items() if isinstance(v, (int, float))} if recs else {}
             row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens), "edit_seconds_total": seconds, **agg}
+            if n:  # the same cases on the unedited model
+                base_agg = aggregate([unedited[str(c.case_id)] for c in cases[:n]])
+                row.update({f"unedited_{k}": base_agg[k] for k in ("es", "ps", "ns") if k in base_agg})
             if piqa:
                 row["piqa_acc"] = choice_accuracy(lm, piqa)
             row["score_seconds"] = time.perf_counter() - t
@@ -149,13 +156,33 @@ def main() -> None:
         run.revert()
 
 
+def unedited_scores(lm, cases, path: Path) -> dict[str, dict]:
+    """Every case scored on the unedited model (no fluency), kept in ``path`` (resumable, guarded by the
+    model's fingerprint): the baseline that each checkpoint's ES/PS/NS is read against."""
+    done: dict[str, dict] = {}
+    if path.is_file():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and lines[0].get("fingerprint") != lm.fingerprint:
+            raise SystemExit(f"{path} was scored on another model; remove it or use another --out")
+        done = {r["case_id"]: r["scores"] for r in lines[1:]}
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": lm.fingerprint}) + "\n")
+    todo = [c for c in cases if str(c.case_id) not in done]
+    with open(path, "a") as f:
+        for c in tqdm(todo, desc="unedited scores", unit="case", disable=not todo):
+            done[str(c.case_id)] = score_case(lm, c, fluency=False)
+            f.write(json.dumps({"case_id": str(c.case_id), "scores": done[str(c.case_id)]}, default=float) + "\n")
+    return done
+
+
 def report(dirs: list[str], figure: str) -> None:
     """A table of the checkpoints of each run directory and the figure (viz.plot_sequential_curves)."""
     import viz
 
     curves = {}
-    print("method | edits | ES | PS | NS | Rel. | Gen. | WikiText-2 ppl | max update norm (layer)")
-    print("---|---|---|---|---|---|---|---|---")
+    print("method | edits | ES | PS | NS | NS unedited | Rel. | Gen. | WikiText-2 ppl | PIQA | max update norm (layer)")
+    print("---|---|---|---|---|---|---|---|---|---|---")
     for d in dirs:
         method = json.loads((Path(d) / "settings.json").read_text())["method"]
         rows = [json.loads(line) for line in (Path(d) / "curve.jsonl").read_text().splitlines() if line.strip()]
@@ -163,8 +190,10 @@ def report(dirs: list[str], figure: str) -> None:
         for r in sorted(rows, key=lambda r: r["n_edits"]):
             norms = {k: v for k, v in r.items() if k.startswith("update_norm_")}
             top = max(norms, key=norms.get) if norms else None
-            cells = [f"{100 * r[k]:.1f}" if k in r else "-" for k in ("es", "ps", "ns", "rewrite_acc", "paraphrase_acc")]
-            print(f"{method} | {r['n_edits']} | " + " | ".join(cells) + f" | {r['perplexity']:.2f} | "
+            cells = [f"{100 * r[k]:.1f}" if k in r else "-"
+                     for k in ("es", "ps", "ns", "unedited_ns", "rewrite_acc", "paraphrase_acc")]
+            piqa = f"{100 * r['piqa_acc']:.1f}" if "piqa_acc" in r else "-"
+            print(f"{method} | {r['n_edits']} | " + " | ".join(cells) + f" | {r['perplexity']:.2f} | {piqa} | "
                   + (f"{norms[top]:.1f} ({top.rsplit('_', 1)[1]})" if top else "-"))
     viz.plot_sequential_curves(curves).savefig(figure, dpi=120)
     print(f"figure: {figure}")
