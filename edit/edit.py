@@ -171,6 +171,40 @@ class HookModule(torch.nn.Module, _Registered):
         return list(self.hook_fns())
 
 
+class ReadAddModule(HookModule):
+    """A module beside a sublayer: it reads the activation x at hook point ``in_hook`` and adds its own
+    output for x at hook point ``out_hook``, at the same positions (LoRA's adapters, T-Patcher's neurons,
+    CaliNET's memory). Subclasses set ``in_hook`` and ``out_hook`` and implement :meth:`add_to`. A forward
+    whose two activations do not line up position for position (or that never passed ``in_hook``)
+    leaves the output as it is: the very tensor, bit-identical."""
+
+    in_hook: str
+    out_hook: str
+    _x: torch.Tensor | None = None  # the activation read, until the add consumes it
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The output at ``out_hook`` given the activation ``x`` read at ``in_hook`` (same positions)."""
+        raise NotImplementedError
+
+    def take_read(self) -> torch.Tensor | None:
+        """The activation read at ``in_hook`` by this forward, consumed (None if none was)."""
+        x, self._x = self._x, None
+        return x
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        self._x = x
+        return x
+
+    def _add(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.take_read()
+        if x is None or x.shape[:-1] != y.shape[:-1]:
+            return y
+        return self.add_to(x, y)
+
+    def hook_fns(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        return {self.in_hook: self._read, self.out_hook: self._add}
+
+
 class InputTransform(_Registered):
     """Text placed before a prompt. Subclasses set ``type_name`` and implement :meth:`prefix`."""
 

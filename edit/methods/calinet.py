@@ -68,7 +68,7 @@ from transformers.optimization import Adafactor
 from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 from locate.hooks import capture
 
-from ..edit import Edit, HookModule
+from ..edit import Edit, ReadAddModule
 from ..registry import Runtime, compute, register
 from ..request import Request
 from .lora import attached
@@ -115,7 +115,7 @@ class CaliNETHparams:
 
 
 # ====================================================================== the memory
-class CalibrationMemory(HookModule):
+class CalibrationMemory(ReadAddModule):
     """A calibration memory at one layer, Eq. (1): keys K_c (d_model, n), values V_c (n, d_model) and the
     activation σ; reads the FFN input x at ``in_hook`` and adds σ(x K_c) V_c to the FFN output at
     ``out_hook`` at every position."""
@@ -135,7 +135,6 @@ class CalibrationMemory(HookModule):
         self.activation = activation
         self.register_buffer("keys", keys.detach().clone())
         self.register_buffer("values", values.detach().clone())
-        self._x: torch.Tensor | None = None
 
     @property
     def n_slots(self) -> int:
@@ -160,18 +159,8 @@ class CalibrationMemory(HookModule):
         """FFN_c(x) = σ(x K_c) V_c, Eq. (1), in the memory's dtype."""
         return self.slot_activations(x) @ self.values
 
-    def _read(self, x: torch.Tensor) -> torch.Tensor:
-        self._x = x
-        return x
-
-    def _add(self, y: torch.Tensor) -> torch.Tensor:
-        x, self._x = self._x, None
-        if x is None or x.shape[:-1] != y.shape[:-1]:
-            return y
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.output(x).to(y.dtype)
-
-    def hook_fns(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        return {self.in_hook: self._read, self.out_hook: self._add}
 
 
 def init_memory(d_model: int, n_slots: int, generator: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,8 +35,6 @@ import numbers
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from locate.errors import InvalidHparamsError
 
 from ..edit import Edit, WeightDelta, applied

@@ -49,14 +49,14 @@ import math
 import numbers
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from locate import resolve_layers
 from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 
-from ..edit import Edit, HookModule, WeightDelta
+from ..edit import Edit, HookModule, ReadAddModule, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import Request
 from .ft import objective_loss
@@ -92,7 +92,7 @@ class LoRAHparams:
 
 
 # ====================================================================== the adapter
-class LoRAAdapter(HookModule):
+class LoRAAdapter(ReadAddModule):
     """A low-rank path s·B A beside one layer's MLP output projection, Eq. (1): reads the key x at
     ``key_hook`` and adds s·B A x to the output at ``out_hook`` at every position. ``A`` is (r, d_in),
     ``B`` (d_out, r). :meth:`delta` is the added output; a subclass may restrict where it is added
@@ -110,7 +110,6 @@ class LoRAAdapter(HookModule):
         self.register_buffer("A", A.detach().clone())
         self.register_buffer("B", B.detach().clone())
         self.dropout: tuple[float, torch.Generator] | None = None  # (p, generator) while training only
-        self._x: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -135,18 +134,12 @@ class LoRAAdapter(HookModule):
             x = x * keep.to(x.dtype) / (1 - p)
         return (x @ self.A.T) @ self.B.T * self.scale
 
-    def _read(self, x: torch.Tensor) -> torch.Tensor:
-        self._x = x
-        return x
+    @property
+    def in_hook(self) -> str:  # the keys' hook point (saved as ``key_hook``)
+        return self.key_hook
 
-    def _add(self, y: torch.Tensor) -> torch.Tensor:
-        x, self._x = self._x, None
-        if x is None or x.shape[:-1] != y.shape[:-1]:
-            return y
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(x).to(y.dtype)
-
-    def hook_fns(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        return {self.key_hook: self._read, self.out_hook: self._add}
 
 
 def init_factors(d_in: int, d_out: int, rank: int, fan_in: int, generator: torch.Generator,

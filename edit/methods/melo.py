@@ -148,7 +148,7 @@ class MeloBlock(HookModule):
 
     def _routed_add(self, adapter: LoRAAdapter) -> Callable[[torch.Tensor], torch.Tensor]:
         def add(y: torch.Tensor) -> torch.Tensor:
-            x, adapter._x = adapter._x, None
+            x = adapter.take_read()
             on = self._on
             if x is None or on is None or on.shape != y.shape[:-1] or not bool(on.any()):
                 return y  # not an edit here: the very tensor, bit-identical

@@ -63,14 +63,14 @@ import math
 import numbers
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from locate.errors import EditFailedError, InvalidArgumentError, InvalidHparamsError
 from locate.hooks import capture
 
-from ..edit import Edit, HookModule
+from ..edit import Edit, ReadAddModule
 from ..registry import Runtime, compute, register
 from ..request import Request
 from ..stats import DEFAULT_CORPUS, describe_corpus, token_stream
@@ -132,7 +132,7 @@ class TPatcherHparams:
 
 
 # ====================================================================== the patch
-class TPatcherNeurons(HookModule):
+class TPatcherNeurons(ReadAddModule):
     """N added FFN neurons at one layer, Eq. (1): keys (N, d_model), biases (N,), values (N, d_model),
     read at ``in_hook`` (the FFN input) and added at ``out_hook`` (the FFN output). ``queries`` holds
     the FFN inputs at the edit positions the neurons were trained on (a later patch's memory)."""
@@ -150,7 +150,6 @@ class TPatcherNeurons(HookModule):
         self.in_hook, self.out_hook = in_hook, out_hook
         for name, t in (("keys", keys), ("biases", biases), ("values", values), ("queries", queries)):
             self.register_buffer(name, t.detach().clone())
-        self._x: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -170,14 +169,7 @@ class TPatcherNeurons(HookModule):
         """a(x) = x · k + b for FFN inputs x (..., d_model): (..., N)."""
         return x.to(self.keys.dtype) @ self.keys.T + self.biases
 
-    def _read(self, x: torch.Tensor) -> torch.Tensor:
-        self._x = x
-        return x
-
-    def _add(self, y: torch.Tensor) -> torch.Tensor:
-        x, self._x = self._x, None
-        if x is None or x.shape[:-1] != y.shape[:-1]:
-            return y
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             a = self.pre_activation(x)
         active = (a > 0).any(-1)
@@ -185,9 +177,6 @@ class TPatcherNeurons(HookModule):
             return y  # the very tensor: every patch is off, the forward is bit-identical
         out = y + (torch.relu(a) @ self.values).to(y.dtype)
         return torch.where(active[..., None], out, y)
-
-    def hook_fns(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        return {self.in_hook: self._read, self.out_hook: self._add}
 
 
 def ffn_input_hook(lm, layer: int) -> str:
