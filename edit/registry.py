@@ -94,6 +94,7 @@ class EditMethod:
     smoke: dict  # cheap hyperparameters for tests on tiny models (few optimisation steps)
     module: str
     train: Callable[..., Any] | None = None  # methods with a trained editor: fn(lm, records, hp, **kw) (edit.training)
+    load_training: Callable[..., Any] | None = None  # its training file reader (None: edit.training.load_training_data)
 
     def make_hparams(self, overrides: dict | None = None, base: Any = None):
         """The hyperparameter dataclass with ``overrides``; an unknown name is refused with the list."""
@@ -133,13 +134,16 @@ _REGISTRY: dict[str, EditMethod] = {}
 
 
 def register(name: str, hparams: type, *, batched: bool, layers: int | str | None, description: str,
-             smoke: dict | None = None, train: Callable | None = None) -> Callable:
+             smoke: dict | None = None, train: Callable | None = None,
+             load_training: Callable | None = None) -> Callable:
     """Decorator: register ``fn(lm, requests, hp, rt) -> Edit`` (unapplied) as method ``name``.
 
     ``train``: for a method that edits with a trained editor (MEND, SERAC), the function that trains
     it, ``train(lm, records, hp, *, steps=None, out=None, progress=True, resume=True) ->
     edit.training.TrainedEditor`` (``records``: :class:`edit.training.TrainingRecord`); ``locate-edit
-    train METHOD`` calls it. ``None`` for every other method."""
+    train METHOD`` calls it. ``None`` for every other method. ``load_training(path)``: what ``locate-edit
+    train METHOD --data PATH`` passes to ``train`` as ``records``, for a method whose training data is
+    not editing records (default: :func:`edit.training.load_training_data`)."""
     if name != name.lower() or not name:
         raise ValueError(f"method names are lower case, got {name!r}")
     if not dataclasses.is_dataclass(hparams):
@@ -150,7 +154,8 @@ def register(name: str, hparams: type, *, batched: bool, layers: int | str | Non
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].module != fn.__module__:
             raise ValueError(f"editing method {name!r} is already registered by {_REGISTRY[name].module}")
-        _REGISTRY[name] = EditMethod(name, hparams, fn, batched, layers, description, dict(smoke or {}), fn.__module__, train)
+        _REGISTRY[name] = EditMethod(name, hparams, fn, batched, layers, description, dict(smoke or {}), fn.__module__,
+                                     train, load_training)
         return fn
     return deco
 

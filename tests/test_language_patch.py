@@ -9,6 +9,8 @@ the command that trains it; revert is exact."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -171,3 +173,22 @@ def test_bad_hyperparameters_are_refused():
                 {"condition": "{nope}"}, {"max_texts": 2}, {"patches": ["If a then b"]}):
         with pytest.raises(InvalidHparamsError):
             LanguagePatchHparams(**bad)
+
+
+def test_the_command_line_trains_the_gate_on_the_papers_gating_format(tmp_path, capsys):
+    """``locate-edit train language-patch --data`` reads the gating file (a JSON object, not editing
+    records) through the method's own loader and writes the gate where ``--out`` says."""
+    from locate_edit.cli import main as cli_main
+
+    foods = ["good", "nice", "awful", "bad", "great", "terrible"]
+    instances = [f"The {w} was {a}" for w in ("food", "service") for a in foods]
+    explanations = [f"{w} is described as {'good' if a in ('good', 'nice', 'great') else 'bad'}"
+                    for w in ("food", "service") for a in foods]
+    data = tmp_path / "applies.json"
+    data.write_text(json.dumps({"instances": instances, "explanations": explanations}))
+    out = tmp_path / "gate"
+    assert cli_main(["train", "language-patch", "--data", str(data), "--steps", "4", "--out", str(out), "--quiet",
+                     "--hparam", "batch_size=4", "--hparam", "eval_every=2", "--hparam", "checkpoint_every=2",
+                     "--hparam", "hidden=8"]) == 0
+    assert "trained language-patch editor" in capsys.readouterr().out
+    assert (out / "training_curve.json").is_file()

@@ -53,10 +53,9 @@ strings ``condition`` (default "the input is about {subject}") and ``consequence
   The override-patch data and the CheckList evaluation sets of the paper were not obtainable.
 * Training data: :func:`load_training_records` reads the paper's gating file (or an EasyEdit
   CounterFact / zsRE file, whose records become subject conditions, :func:`pairs_from_records`);
-  :func:`train_language_patch` takes either, or ``None`` (it then reads ``hp.train_data``). The command
-  line's ``locate-edit train`` still reads every ``--data`` file with
-  :func:`edit.training.load_training_data`, which refuses the gating file until it asks the method
-  for its loader.
+  :func:`train_language_patch` takes either, or ``None`` (it then reads ``hp.train_data``); the command
+  line's ``locate-edit train language-patch --data FILE`` reads FILE with :func:`load_training_records`
+  (registered as the method's training loader).
 """
 
 from __future__ import annotations
@@ -526,6 +525,7 @@ class PatchGate(InputTransform):
 
 # ====================================================================== the method
 @register(METHOD, LanguagePatchHparams, batched=True, layers=None, train=train_language_patch,
+          load_training=load_training_records,
           smoke={"train_data": "toy", "train_if_missing": True, "train_steps": 60, "batch_size": 8, "lr": 1e-2,
                  "hidden": 32, "val_fraction": 0.25, "eval_every": 30, "checkpoint_every": 30},
           description="Language Patch: 'If <condition>, then <consequence>' patches; a trained gate decides whether "

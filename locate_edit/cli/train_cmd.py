@@ -1,5 +1,6 @@
-"""``locate-edit train``: train the editor of a method that edits with trained parts (MEND, SERAC) and
-store it where its edits look for it (the cache folder of its key, or ``--out``).
+"""``locate-edit train``: train the editor of a method that edits with trained parts (MEND, SERAC, KE,
+REMEDI, Language Patch's gate, ...) and store it where its edits look for it (the cache folder of its
+key, or ``--out``).
 
     locate-edit train mend --data ../shared/data/counterfact/easyedit_format/counterfact-train.json
     locate-edit train serac --data train.json --steps 200 --hparam batch_size=8 --out serac-editor/
@@ -29,7 +30,7 @@ def run(args) -> int:
     if args.steps is not None and args.steps < 0:
         raise edit.InvalidHparamsError(f"--steps must be non-negative, got {args.steps}")
     data = existing_file(args.data, "training data (--data)")
-    records = load_training_data(data)  # read and checked before the model loads
+    records = (method.load_training or load_training_data)(data)  # read and checked before the model loads
     out = Path(args.out).expanduser() if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise TrainingDataError(f"--out {out} is a file; give a folder")
@@ -45,10 +46,11 @@ def run(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("train", help="train the editor of a method that needs one (mend, serac)")
+    p = sub.add_parser("train", help="train the editor of a method that needs one (see `locate-edit methods`)")
     p.add_argument("method", help="a registered method with a trained editor (see `locate-edit methods`)")
     p.add_argument("--data", required=True,
-                   help="training file: EasyEdit CounterFact (counterfact-train.json) or zsRE records; never a dev split")
+                   help="training file: EasyEdit CounterFact (counterfact-train.json) or zsRE records, or the method's "
+                        "own format (e.g. Language Patch's gating data); never a dev split")
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser steps (default: the method's train_steps; the same as --hparam train_steps=N, "
                         "and edits find the editor with that hyperparameter)")
