@@ -277,11 +277,12 @@ class MeLLoTrace:
 
 
 def loop_ids(lm, text: str) -> list[int]:
-    """Tokens of ``text`` under the applied edits' input transforms, except the MeLLo memories' own
-    plain-prompt text (the loop puts its retrieved facts in the text itself)."""
+    """Tokens of ``text`` under the applied edits' input transforms, except the plain-prompt text of the
+    memories that answer questions themselves (MeLLo's, PokeMQA's: the loop puts its facts in the text
+    itself)."""
     for e in lm.applied_edits:
         for t in e.input_transforms:
-            if not isinstance(t, MeLLoMemory):
+            if not callable(getattr(t, "answer_question", None)):
                 text = t(text)
     return lm.encode(text, raw=True)
 
