@@ -96,6 +96,32 @@ def plot_sequential_curves(curves: dict, keys: Sequence[str] = ("es", "ps", "ns"
     return fig
 
 
+def plot_corpus_size(points: dict, keys: Sequence[str] = ("es", "ps", "ns")):
+    """Edit metrics against the number of corpus tokens behind the key statistics. ``points`` maps
+    (method, corpus label) to (tokens, aggregates); labels that are not a plain count or "all" (e.g. model
+    samples) are drawn as separate markers at their token count."""
+    methods = sorted({m for m, _ in points})
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.2), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], methods):
+        wiki = sorted((n, agg) for (mm, label), (n, agg) in points.items()
+                      if mm == m and (label == "all" or label.isdigit()))
+        other = [(label, n, agg) for (mm, label), (n, agg) in points.items()
+                 if mm == m and not (label == "all" or label.isdigit())]
+        for j, k in enumerate(keys):
+            ax.plot([n for n, _ in wiki], [100 * a.get(k, np.nan) for _, a in wiki], marker="o", color=f"C{j}",
+                    label=f"{LABELS.get(k, k)}, WikiText-2")
+            for label, n, agg in other:
+                ax.plot([n], [100 * agg.get(k, np.nan)], marker="x", markersize=9, color=f"C{j}", linestyle="none",
+                        label=f"{LABELS.get(k, k)}, {label}")
+        ax.set_xscale("log")
+        ax.set_xlabel("corpus tokens for the key statistics")
+        ax.set_title(m)
+    axes[0, 0].set_ylabel("%")
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 def plot_layer_sweep(sweep, keys: Sequence[str] = ("es", "ps", "ns")):
     """Top: metrics against the edited layer. Bottom: the MLP AIE from causal tracing, with the
     correlations in the title (Hase et al.'s "does localization inform editing?")."""
