@@ -9,6 +9,13 @@ method, one per request otherwise). Before any edit and after every batch the sc
 edited so far (single-case CounterFact metrics, no fluency), the perplexity of the first
 ``--ppl-tokens`` tokens of WikiText-2 test and the accuracy on the first ``--piqa`` PIQA validation
 questions (general ability), and the norm and condition number of the accumulated MLP update per layer.
+``--score-every K`` scores the cases every K batches only; ``--watch`` records after every batch the
+signals of a disabling edit (the batch's update norm, perplexity on a little WikiText-2 test text, the
+n-gram entropy of short generations) in ``watch.jsonl``: ROME against r-ROME one edit at a time is
+
+    python bench/sequential_bench.py --methods rome,r-rome --n 200 --batch-size 1 --score-every 50 \
+        --watch --piqa 0 --out results/disabling
+
 Every case is also scored once on the unedited model (``out/unedited_<dataset>.jsonl``), and each
 checkpoint records the unedited ES/PS/NS of the same cases beside the edited ones.
 Key statistics come from ``--corpus`` (default: the packaged WikiText-2 validation head, the default of
@@ -33,7 +40,7 @@ from tqdm.auto import tqdm
 
 import edit
 import locate
-from edit.eval.metrics import aggregate, perplexity, score_case
+from edit.eval.metrics import aggregate, n_gram_entropy, perplexity, sample_generations, score_case
 from edit.stats import token_stream
 from edit.eval import load_piqa
 from edit.eval.metrics import choice_accuracy
@@ -53,6 +60,13 @@ def main() -> None:
     ap.add_argument("--piqa", type=int, default=200, help="PIQA validation questions per checkpoint (0: none)")
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="counterfact")
     ap.add_argument("--hparam", action="append", default=None, metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--score-every", type=int, default=1,
+                    help="score the cases edited so far every K batches (and after the last)")
+    ap.add_argument("--watch", action="store_true",
+                    help="after every batch, record the batch's update norm, the perplexity of --watch-tokens "
+                         "WikiText-2 test tokens and the n-gram entropy of short generations (watch.jsonl): "
+                         "the signals of a disabling edit")
+    ap.add_argument("--watch-tokens", type=int, default=2_000)
     ap.add_argument("--corpus", default=None, help=CORPUS_HELP)
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="results/sequential_cf")
@@ -85,6 +99,8 @@ def main() -> None:
                     "ppl_tokens": args.ppl_tokens, "fingerprint": lm.fingerprint}
         if args.dataset != "counterfact" or args.piqa:  # keys absent from runs stored before these options
             settings.update(dataset=args.dataset, piqa=args.piqa)
+        if args.score_every != 1:
+            settings["score_every"] = args.score_every
         sfile = out / "settings.json"
         if sfile.is_file():
             # A run may be extended to more cases (the cases are a prefix of one ordered file), nothing else.
@@ -102,9 +118,15 @@ def main() -> None:
                     r = json.loads(line)
                     done[r["n_edits"]] = r
 
+        watched = watch_log(out / "watch.jsonl") if args.watch else None
+        if watched is not None and 0 not in watched:
+            watched[0] = watch(lm, out / "watch.jsonl", 0, None, ppl_tokens[: args.watch_tokens])
+
         def checkpoint(n_batches: int, seconds: float) -> None:
             n = sum(len(b) for b in batches[:n_batches])
-            if n in done:
+            if watched is not None and n not in watched:
+                watched[n] = watch(lm, out / "watch.jsonl", n, last_norm.get(n_batches), ppl_tokens[: args.watch_tokens])
+            if n in done or (n_batches % args.score_every and n_batches != len(batches)):
                 return
             t = time.perf_counter()
             recs = [score_case(lm, c, fluency=False) for c in cases[:n]]
@@ -141,7 +163,10 @@ def main() -> None:
             files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
             return [edit.Edit.load(p, lm) for p in files] if files and (d / "done").is_file() else None
 
+        last_norm: dict[int, float] = {}  # batch count -> Frobenius norm of that batch's weight change
+
         def on_batch(b, new, seconds):
+            last_norm[b + 1] = update_norm(new)
             d = out / "edits" / f"{b:04d}"
             d.mkdir(parents=True, exist_ok=True)
             for j, e in enumerate(new):
@@ -154,6 +179,34 @@ def main() -> None:
                               callback=lambda lm_, r: checkpoint(r.n_batches, r.seconds),
                               replay=replay, on_batch=on_batch, progress=True)
         run.revert()
+
+
+WATCH_PROMPTS = ("The most important thing about", "My favourite city is", "In the beginning of the")
+
+
+def update_norm(edits) -> float:
+    """Frobenius norm of the weight change the edits of one batch make (0 for edits without weights)."""
+    total = {}
+    for e in edits:
+        for d in e.deltas:
+            total[d.param] = total.get(d.param, 0) + d.matrix().double()
+    return float(sum(float(m.norm()) ** 2 for m in total.values()) ** 0.5)
+
+
+def watch_log(path: Path) -> dict[int, dict]:
+    return ({r["n_edits"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+            if path.is_file() else {})
+
+
+def watch(lm, path: Path, n: int, norm: float | None, tokens: torch.Tensor) -> dict:
+    """The per-batch signals of a disabling edit (Gupta et al. 2024): the batch's update norm, perplexity
+    on a little generic text, and the n-gram entropy of short sampled continuations of fixed prompts."""
+    texts = sample_generations(lm, WATCH_PROMPTS, max_length=40, seed=0)
+    row = {"n_edits": n, "update_norm": norm, "perplexity": perplexity(lm, tokens), "gen_entropy": n_gram_entropy(texts),
+           "sample": texts[0]}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def unedited_scores(lm, cases, path: Path) -> dict[str, dict]:
