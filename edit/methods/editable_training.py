@@ -51,10 +51,10 @@ How this differs from the reference:
   and Adam's state for all of it; the edited weights are where (1) acts, and L_base keeps the rest equal to
   the base model anyway.
 * **Scaled down for a 2-core CPU** (about an hour on SmolLM2-135M with one free core): up to
-  1,000,000 iterations with early stopping, 10 edits per optimiser step → ``train_steps`` 250 of
-  ``batch_size`` 5 (1,250 edits; one edit's second-order meta-gradient costs about 1.7 s on a toy
-  record on one thread, an estimated 2-2.5 s on a CounterFact one, so about 50 minutes, plus about 5 for the curve's two
-  points on 100 validation records), and ``lr`` 1e-5 → 1e-4 (far fewer steps). Pass
+  1,000,000 iterations with early stopping, 10 edits per optimiser step → ``train_steps`` 400 of
+  ``batch_size`` 5 (2,000 edits; one CounterFact edit's second-order meta-gradient takes about 1.6 s
+  on one thread, so about 53 minutes, plus about 4 for the curve's two points on 100 validation
+  records), and ``lr`` 1e-5 → 1e-4 (far fewer steps). Pass
   ``--hparam lr=1e-5 --hparam batch_size=10 --steps 100000`` for the reference's scale on a GPU.
 * In the reference η is also in the main Adam's parameters (``self.parameters()``), so it takes an
   lr 1e-5 step besides its own lr_lr 1e-3 one; here it takes the lr_lr step only.
@@ -109,7 +109,7 @@ class EditableTrainingHparams(TrainingHparams):
     n_edit_steps: int = 1  # k, inner gradient steps per edit (reference enn.n_edit_steps: 1)
     edit_lr: float = 1e-2  # initial step size η of each edited tensor (reference: 1e-2), learned
     first_order: bool = False  # detach ∇L_e in the inner steps (reference enn.first_order: False)
-    lr: float = 1e-4  # Adam learning rate of the meta-delta M (reference: 1e-5 over up to 1M steps; raised for 250)
+    lr: float = 1e-4  # Adam learning rate of the meta-delta M (reference: 1e-5 over up to 1M steps; raised for 400)
     lr_lr: float = 1e-3  # Adam learning rate of the step sizes η (reference: 1e-3)
     c_edit: float = 0.1  # weight of the edit loss (reference cedit: 0.1)
     c_loc: float = 1.0  # weight of the locality KL to the pre-edit model (reference cloc: 1.0)
@@ -117,8 +117,8 @@ class EditableTrainingHparams(TrainingHparams):
     grad_clip: float = 100.0  # gradient norm clip (reference: 100)
     batch_size: int = 5  # edits per optimiser step (reference accumulate_bs: 10; scaled down for the CPU)
     edit_loss_on: str = "paraphrases"  # outer edit loss on the paraphrase (reference edit_outer) or "request"
-    train_steps: int = 250  # optimiser steps (reference: up to 1,000,000 with early stopping; the CPU budget)
-    eval_every: int = 125  # steps between points of the training curve (and one at the end)
+    train_steps: int = 400  # optimiser steps (reference: up to 1,000,000 with early stopping; the CPU budget)
+    eval_every: int = 200  # steps between points of the training curve (and one at the end)
 
     def __post_init__(self):
         if self.edit_loss_on not in EDIT_LOSS_ON:
