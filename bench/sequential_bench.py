@@ -131,7 +131,8 @@ def main() -> None:
             t = time.perf_counter()
             recs = [score_case(lm, c, fluency=False) for c in cases[:n]]
             agg = {k: v for k, v in aggregate(recs).items() if isinstance(v, (int, float))} if recs else {}
-            row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens), "edit_seconds_total": seconds, **agg}
+            row = {"n_edits": n, "perplexity": perplexity(lm, ppl_tokens),
+                   "edit_seconds_total": edit_seconds(out, n_batches), **agg}
             if n:  # the same cases on the unedited model
                 base_agg = aggregate([unedited[str(c.case_id)] for c in cases[:n]])
                 row.update({f"unedited_{k}": base_agg[k] for k in ("es", "ps", "ns") if k in base_agg})
@@ -179,6 +180,12 @@ def main() -> None:
                               callback=lambda lm_, r: checkpoint(r.n_batches, r.seconds),
                               replay=replay, on_batch=on_batch, progress=True)
         run.revert()
+
+
+def edit_seconds(out: Path, n_batches: int) -> float:
+    """Seconds spent editing the first ``n_batches`` batches, over every session of a resumed run (each
+    batch's own time is kept in its ``edits/<b>/done`` marker)."""
+    return sum(float((out / "edits" / f"{b:04d}" / "done").read_text().split()[0]) for b in range(n_batches))
 
 
 WATCH_PROMPTS = ("The most important thing about", "My favourite city is", "In the beginning of the")
