@@ -48,7 +48,8 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from locate.errors import CacheCorruptedError, DataFileNotFoundError, FingerprintMismatchError, InvalidArgumentError, LocateEditError
+from locate.errors import (CacheCorruptedError, DataFileNotFoundError, EditFailedError, FingerprintMismatchError,
+                           InvalidArgumentError, LocateEditError)
 from locate.loading import cache_dir, read_cached, verify_cached, write_cached
 
 from .eval.datasets import find_data_dir
@@ -304,6 +305,24 @@ def train_command(method: str, lm, data: str | None, hparams: dict, defaults: di
         if k != "train_data" and hparams[k] != defaults.get(k):
             parts += ["--hparam", f"{k}={json.dumps(hparams[k], separators=(',', ':'))}"]
     return " ".join(parts)
+
+
+def obtain_for_sites(method: str, lm, hp: Any, rt, *, train_fn: Callable[..., "TrainedEditor"], sites: Sequence,
+                     build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, "TrainedEditor"]:
+    """The trained network ``hp`` asks for on ``lm`` (:func:`obtain`, training data from ``hp.train_data``
+    and ``rt.data_dir``), for editors that record the weights they were trained for in
+    ``config["sites"]`` (dataclasses): refused when the settings now name other ``sites``. ``build()``
+    makes the network the stored tensors load into; it is returned on the model's device, in eval mode."""
+    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
+    art = obtain(method, lm, hp, data_path=path, records=records, train_fn=train_fn,
+                 progress=bool(rt.progress) if rt is not None else False)
+    wanted = [dataclasses.asdict(s) for s in sites]
+    if art.config.get("sites") != wanted:
+        raise EditFailedError(f"the trained {method} editor is for the weights {art.config.get('sites')}, but these "
+                              f"settings edit {wanted}")
+    net = build()
+    net.load_state_dict(art.tensors)
+    return net.to(lm.device).eval(), art
 
 
 def obtain(method: str, lm, hp: Any, *, data_path: str | None, records: Sequence[TrainingRecord] | None,

@@ -89,9 +89,8 @@ from ..training import (
     TrainingHparams,
     TrainingRecord,
     batch_at,
-    obtain,
+    obtain_for_sites,
     run_training,
-    training_source,
 )
 from .mend import _rows, _Site, _target_nll, edit_sites
 
@@ -285,17 +284,10 @@ def train_editable_training(lm, records: list[TrainingRecord], hp: EditableTrain
 
 
 def load_meta(lm, hp: EditableTrainingHparams, rt: Runtime | None = None) -> tuple[MetaParameters, TrainedEditor]:
-    """The meta-trained parameters ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain`)."""
-    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
-    art = obtain(METHOD, lm, hp, data_path=path, records=records, train_fn=train_editable_training,
-                 progress=bool(rt.progress) if rt is not None else False)
+    """The meta-trained parameters ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain_for_sites`)."""
     sites = edit_sites(lm, hp)
-    stored = [_Site(**s) for s in art.config["sites"]]
-    if stored != sites:
-        raise EditFailedError(f"the meta-trained parameters are for {stored}, but these settings edit {sites}")
-    net = MetaParameters(sites, hp.edit_lr)
-    net.load_state_dict(art.tensors)
-    return net.to(lm.device).eval(), art
+    return obtain_for_sites(METHOD, lm, hp, rt, train_fn=train_editable_training, sites=sites,
+                            build=lambda: MetaParameters(sites, hp.edit_lr))
 
 
 def edit_parts(lm, requests: list[Request], net: MetaParameters, hp: EditableTrainingHparams

@@ -76,9 +76,8 @@ from ..training import (
     TrainingHparams,
     TrainingRecord,
     batch_at,
-    obtain,
+    obtain_for_sites,
     run_training,
-    training_source,
 )
 from .mend import _Site, edit_sites
 
@@ -272,17 +271,10 @@ def train_kaft(lm, records: list[TrainingRecord], hp: KAFTHparams, *, steps: int
 
 
 def load_adapters(lm, hp: KAFTHparams, rt: Runtime | None = None) -> tuple[LoRAAdapters, TrainedEditor]:
-    """The fine-tuned adapters ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain`)."""
-    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
-    art = obtain(METHOD, lm, hp, data_path=path, records=records, train_fn=train_kaft,
-                 progress=bool(rt.progress) if rt is not None else False)
+    """The fine-tuned adapters ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain_for_sites`)."""
     sites = _sites(lm, hp)
-    stored = [_Site(**s) for s in art.config["sites"]]
-    if stored != sites:
-        raise EditFailedError(f"the KAFT adapters are for {stored}, but these settings adapt {sites}")
-    net = LoRAAdapters(sites, hp.rank, hp.alpha)
-    net.load_state_dict(art.tensors)
-    return net.to(lm.device).eval(), art
+    return obtain_for_sites(METHOD, lm, hp, rt, train_fn=train_kaft, sites=sites,
+                            build=lambda: LoRAAdapters(sites, hp.rank, hp.alpha))
 
 
 # ====================================================================== the method

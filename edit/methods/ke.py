@@ -67,14 +67,14 @@ from typing import Any, Sequence
 
 import torch
 
-from locate.errors import EditFailedError, InvalidHparamsError
+from locate.errors import InvalidHparamsError
 from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..edit import Edit
 from ..registry import Runtime, compute, register
 from ..request import Request
-from ..training import TrainedEditor, TrainingHparams, TrainingRecord, obtain, run_training, training_source
+from ..training import TrainedEditor, TrainingHparams, TrainingRecord, obtain_for_sites, run_training
 from .mend import _MENDTrainer, _Site, edit_sites, gradient_factors, weight_deltas
 
 
@@ -205,17 +205,10 @@ def train_ke(lm, records: list[TrainingRecord], hp: KEHparams, *, steps: int | N
 
 
 def load_editor(lm, hp: KEHparams, rt: Runtime | None = None) -> tuple[KEEditor, TrainedEditor]:
-    """The trained KE editor ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain`)."""
-    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
-    art = obtain("ke", lm, hp, data_path=path, records=records, train_fn=train_ke,
-                 progress=bool(rt.progress) if rt is not None else False)
+    """The trained KE editor ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain_for_sites`)."""
     sites = edit_sites(lm, hp)
-    stored = [_Site(**s) for s in art.config["sites"]]
-    if stored != sites:
-        raise EditFailedError(f"the trained KE editor edits {stored}, but these settings edit {sites}")
-    net = KEEditor(sites, _embedding(lm), hp)
-    net.load_state_dict(art.tensors)
-    return net.to(lm.device).eval(), art
+    return obtain_for_sites("ke", lm, hp, rt, train_fn=train_ke, sites=sites,
+                            build=lambda: KEEditor(sites, _embedding(lm), hp))
 
 
 # ====================================================================== the method

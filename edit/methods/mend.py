@@ -88,13 +88,12 @@ from ..edit import Edit, WeightDelta
 from ..registry import Runtime, compute, register
 from ..request import Request
 from ..training import (
-    TrainingHparams,
-    training_source,
     EditorTrainer,
     TrainedEditor,
+    TrainingHparams,
     TrainingRecord,
     batch_at,
-    obtain,
+    obtain_for_sites,
     run_training,
 )
 
@@ -449,17 +448,10 @@ def train_mend(lm, records: list[TrainingRecord], hp: MENDHparams, *, steps: int
 
 
 def load_editor(lm, hp: MENDHparams, rt: Runtime | None = None) -> tuple[MENDEditor, TrainedEditor]:
-    """The trained MEND editor ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain`)."""
-    path, records = training_source(hp.train_data, rt.data_dir if rt is not None else None)
-    art = obtain("mend", lm, hp, data_path=path, records=records, train_fn=train_mend,
-                 progress=bool(rt.progress) if rt is not None else False)
+    """The trained MEND editor ``hp`` asks for on ``lm`` (see :func:`edit.training.obtain_for_sites`)."""
     sites = edit_sites(lm, hp)
-    stored = [_Site(**s) for s in art.config["sites"]]
-    if stored != sites:
-        raise EditFailedError(f"the trained MEND editor edits {stored}, but these settings edit {sites}")
-    net = MENDEditor(sites, hp.rank, hp.n_hidden, hp.edit_lr)
-    net.load_state_dict(art.tensors)
-    return net.to(lm.device).eval(), art
+    return obtain_for_sites("mend", lm, hp, rt, train_fn=train_mend, sites=sites,
+                            build=lambda: MENDEditor(sites, hp.rank, hp.n_hidden, hp.edit_lr))
 
 
 # ====================================================================== the method
