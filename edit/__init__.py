@@ -7,7 +7,7 @@ metrics, harness, sequential editing, layer sweep).
 """
 
 from .request import InvalidRequestError, Request  # noqa: F401
-from .edit import Edit, HookModule, InputTransform, PrefixText, WeightDelta, applied  # noqa: F401
+from .edit import Edit, HookModule, InputTransform, PrefixText, ReadAddModule, WeightDelta, applied  # noqa: F401
 from locate.errors import EditStateError, InvalidHparamsError, LayerSpecError, MethodNotAvailableError  # noqa: F401
 from . import registry
 from .registry import EditMethod, Runtime, compute, get_method, methods, register, write  # noqa: F401
