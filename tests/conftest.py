@@ -47,3 +47,13 @@ def tiny(request, tokenizer):
     from locate.testing import tiny_model
 
     return tiny_model(request.param, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def cache(tokenizer, tmp_path_factory):
+    """A private LOCATE_EDIT_CACHE for one test module (its trained editors and derived caches), set
+    after the default model's tokenizer is loaded; a module that asks for it never reads the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()

@@ -27,14 +27,6 @@ NO_CHECK = edit.Runtime(check_efficacy=False)
 
 
 @pytest.fixture(scope="module")
-def cache(tokenizer, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def gpt2(tokenizer):
     return tiny_model("gpt2", tokenizer)
 

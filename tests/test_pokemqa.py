@@ -60,14 +60,6 @@ def small(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def encoder():
     return SentenceEncoder()
 

@@ -129,15 +129,6 @@ HELD_OUT = [Request("{} is located in the city of", s, t) for s, t in
              ("Mount Everest", " Athens")]]
 
 
-@pytest.fixture(scope="module")
-def cache(gpt2, tmp_path_factory):
-    """A private cache for this module's editors."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
 def _nll(lm, requests) -> float:
     batch, rows, pos, gold = mend_mod._rows(lm, requests)
     with torch.no_grad():

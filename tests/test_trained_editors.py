@@ -36,15 +36,6 @@ HELD_OUT = [edit.Request("{} is located in the city of", s, t) for s, t in
 
 
 @pytest.fixture(scope="module")
-def cache(tokenizer, tmp_path_factory):
-    """A private cache for this module's editors (set after the default model's tokenizer is loaded)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LOCATE_EDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def gpt2(tokenizer):
     return tiny_model("gpt2", tokenizer)
 
